@@ -1,0 +1,57 @@
+# Duragate developer commands. Everything runs from the virtualenv in .venv, created on first use.
+#   make demo                 install Duragate and run the demo gateway (embedded engine)
+#   make test [PYTEST_ARGS=]  install Duragate with its test extras and run pytest
+#   make lint                 ruff and mypy
+#   make bench [BENCH_ARGS=]  run the engine benchmark
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null || echo python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: help demo test lint bench install install-test clean
+
+help:
+	@sed -n 's/^#   //p' Makefile
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Duragate needs Python 3.11 or newer; $(PYTHON) is older (set PYTHON=...)." >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps: an install is redone only when pyproject.toml changes (or the stamp is removed).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	@echo "Installing Duragate into $(VENV) ..."
+	$(PIP) install -e .
+	@touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	@echo "Installing Duragate with its test extras into $(VENV) (crewai, langgraph: several minutes the first time) ..."
+	$(PIP) install -e '.[test]'
+	@touch $@ $(VENV)/.installed $(VENV)/.installed-bench
+
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[bench]'
+	@touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(BIN)/duragate serve
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy gateway adapters identity policies examples
+
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m bench.engine_bench $(BENCH_ARGS)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,132 @@
+"""DBOS baseline: the engine benchmark's job run on DBOS 3.4 with its SQLite system database.
+
+- sequential latency (p50/p90/p99) of a 1-step and a 5-step workflow, start to result, each
+  after 20 warm-up runs;
+- throughput of WORKFLOWS single-step workflows with CONCURRENCY in flight: a thread pool of
+  CONCURRENCY threads, each doing `DBOS.start_workflow` + `handle.get_result()`;
+- cpu_seconds: CPU (user + system) this process used during the throughput phase; DBOS and its
+  SQLite database both run inside it.
+
+Default DBOS settings (SQLite's own defaults: rollback journal, synchronous FULL) in a fresh
+temporary directory, removed on exit. Prints one JSON object on stdout; logs go to stderr.
+Run it in a fresh process: `python -m bench.dbos_baseline [--n 200] [--workflows 1000]
+[--concurrency 32]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+WARMUP = 20
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """Same method as bench.engine_bench, so the two are compared like for like."""
+    ordered = sorted(samples)
+
+    def pick(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
+
+    return {
+        "p50": pick(0.50),
+        "p90": pick(0.90),
+        "p99": pick(0.99),
+        "mean": round(statistics.fmean(ordered) * 1000, 3),
+        "n": len(ordered),
+    }
+
+
+def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    from dbos import DBOS, DBOSConfig
+
+    @DBOS.step()
+    def echo(value: int) -> int:
+        return value
+
+    @DBOS.workflow()
+    def one_step(value: int) -> int:
+        return echo(value)
+
+    @DBOS.workflow()
+    def five_steps(value: int) -> int:
+        for _ in range(5):
+            value = echo(value)
+        return value
+
+    def run_one(workflow: Callable[[int], int], value: int) -> float:
+        t0 = time.perf_counter()
+        result = DBOS.start_workflow(workflow, value).get_result()
+        elapsed = time.perf_counter() - t0
+        if result != value:
+            raise RuntimeError(f"workflow returned {result!r}, expected {value!r}")
+        return elapsed
+
+    def sequential(workflow: Callable[[int], int], n: int) -> dict[str, float]:
+        for i in range(min(WARMUP, n)):
+            run_one(workflow, i)
+        return percentiles([run_one(workflow, i) for i in range(n)])
+
+    config: DBOSConfig = {
+        "name": "dbos-baseline",
+        "system_database_url": f"sqlite:///{tmp / 'dbos.sqlite'}",
+        "log_level": "WARNING",
+    }
+    DBOS(config=config)
+    DBOS.launch()
+    try:
+        out: dict[str, Any] = {
+            "system": "dbos",
+            "version": metadata.version("dbos"),
+            "database": "sqlite",
+            "seq_1_activity_ms": sequential(one_step, args.n),
+            "seq_5_activity_ms": sequential(five_steps, max(args.n // 2, 1)),
+        }
+        with ThreadPoolExecutor(args.concurrency, thread_name_prefix="bench-client") as pool:
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            latencies = list(pool.map(lambda i: run_one(one_step, i), range(args.workflows)))
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    finally:
+        DBOS.destroy(destroy_registry=True)
+    out.update(
+        throughput_wfps=round(args.workflows / elapsed, 1),
+        concurrency=args.concurrency,
+        workflows=args.workflows,
+        cpu_seconds=round(cpu, 2),
+        cores_used=round(cpu / elapsed, 2),
+        latency_ms=percentiles(latencies),
+        client="threads",
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=200, help="sequential runs per latency figure")
+    parser.add_argument("--workflows", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args(argv)
+    if min(args.n, args.workflows, args.concurrency) < 1:
+        parser.error("--n, --workflows and --concurrency must be at least 1")
+    if importlib.util.find_spec("dbos") is None:
+        sys.exit("bench.dbos_baseline: dbos is not installed; pip install 'dbos>=3.4,<3.5'")
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="dbos-baseline-") as tmp:
+        result = run(args, Path(tmp))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

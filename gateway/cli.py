@@ -1,0 +1,476 @@
+"""The `duragate` command line.
+
+    duragate [--log-level L] [--log-format console|json] [--data-dir DIR] COMMAND ...
+
+Commands: `serve` (the gateway; today it runs the embedded engine on loopback), `sidecar` (the
+embedded Dapr-compatible sidecar on its own), `paths` (where the data lives), `version`.
+
+The sidecar's API token is read from the `DAPR_API_TOKEN` environment variable only: a
+command-line flag would show in `ps` and in shell history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from pydantic import SecretStr, ValidationError
+
+from gateway import __version__, logs, paths
+from gateway.sidecar.settings import SidecarSettings, is_local_address
+
+log = logging.getLogger("duragate.cli")
+
+TOKEN_ENV = "DAPR_API_TOKEN"
+CONFIG_ENV = "DURAGATE_CONFIG"
+OFF_WORDS = frozenset({"off", "none", "no", "false", "0", "disabled"})
+
+_DEFAULTS = {name: field.default for name, field in SidecarSettings.model_fields.items()}
+# Option names as the user typed them, by SidecarSettings field.
+_OPTION_OF_FIELD = {
+    "db_path": "--db",
+    "grpc_listen": "--listen",
+    "http_listen": "--http-listen",
+    "app_id": "--app-id",
+    "state_store_name": "--state-store-name",
+    "max_payload_bytes": "--max-payload-bytes",
+    "synchronous": "--synchronous",
+}
+
+
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+class LogFormat(StrEnum):
+    console = "console"
+    json = "json"
+
+
+class Synchronous(StrEnum):
+    FULL = "FULL"
+    NORMAL = "NORMAL"
+
+
+DEFAULT_SYNCHRONOUS = Synchronous(_DEFAULTS["synchronous"])
+
+
+@dataclass
+class GlobalOptions:
+    log_level: str
+    log_format: str
+    data_dir_option: Path | None
+
+    def data_dir(self, config_value: str | os.PathLike[str] | None = None) -> Path:
+        """Resolve and create the data directory (exit 2 if it is unusable)."""
+        path = paths.resolve_data_dir(self.data_dir_option, config_value=config_value)
+        try:
+            paths.ensure_data_dir(path)
+        except paths.DataDirError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--data-dir'") from None
+        if not paths.is_private(path):
+            log.warning("data directory %s is accessible to other users; chmod 700 it", path)
+        return path
+
+
+app = typer.Typer(
+    name="duragate",
+    help="Duragate: AI tool calls run as durable Dapr workflows.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals may hold the API token
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    log_level: Annotated[
+        LogLevel,
+        typer.Option(
+            "--log-level", envvar="DURAGATE_LOG_LEVEL", case_sensitive=False, help="Log level."
+        ),
+    ] = LogLevel.info,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            "--log-format",
+            envvar="DURAGATE_LOG_FORMAT",
+            case_sensitive=False,
+            help="console: readable lines on stderr; json: one JSON object per line on stderr.",
+        ),
+    ] = LogFormat.console,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            envvar=paths.ENV_DATA_DIR,
+            show_default="./.duragate",
+            help="Where Duragate keeps its data (created with mode 0700 if missing).",
+        ),
+    ] = None,
+) -> None:
+    """Duragate: AI tool calls run as durable Dapr workflows."""
+    logs.register_secret(os.environ.get(TOKEN_ENV))
+    logs.configure_logging(log_level.value, log_format.value)
+    ctx.obj = GlobalOptions(log_level.value, log_format.value, data_dir)
+
+
+def _options(ctx: typer.Context) -> GlobalOptions:
+    obj = ctx.find_object(GlobalOptions)
+    if obj is None:  # pragma: no cover - the callback always runs first
+        raise RuntimeError("global options missing")
+    return obj
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(f"duragate {__version__}")
+
+
+@app.command("paths")
+def show_paths(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show (and create) the data directory and the engine's database file."""
+    data_dir = _options(ctx).data_dir()
+    db = paths.engine_db_path(data_dir)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps({"data_dir": str(data_dir), "engine_db": str(db)}))
+    else:
+        typer.echo(f"data_dir   {data_dir}")
+        typer.echo(f"engine_db  {db}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Addresses and settings
+
+
+def _check_address(value: str, *, allow_unix: bool) -> str:
+    """`HOST:PORT` (port 0 picks a free one) or, when allowed, `unix:///absolute/path`."""
+    value = value.strip()
+    if value.startswith("unix:"):
+        if not allow_unix:
+            raise typer.BadParameter(f"{value!r}: unix sockets are only for gRPC; use HOST:PORT")
+        if not value.startswith("unix:///") or len(value) == len("unix:///"):
+            raise typer.BadParameter(f"{value!r} is not unix:///absolute/path")
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        want = "HOST:PORT or unix:///absolute/path" if allow_unix else "HOST:PORT"
+        raise typer.BadParameter(f"{value!r} is not {want} (port 0-65535, 0 picks a free port)")
+    if any(c.isspace() for c in host) or (host.startswith("[") != host.endswith("]")):
+        raise typer.BadParameter(f"{value!r}: bad host {host!r}")
+    return value
+
+
+def _grpc_address(value: str) -> str:
+    return _check_address(value, allow_unix=True)
+
+
+def _http_address(value: str | None) -> str | None:
+    if value is None or value.strip().lower() in OFF_WORDS:
+        return None
+    return _check_address(value, allow_unix=False)
+
+
+def _api_token() -> SecretStr | None:
+    value = os.environ.get(TOKEN_ENV)
+    return SecretStr(value) if value else None
+
+
+def _build_settings(
+    listen_options: tuple[str, str] = ("--listen", "--http-listen"), **fields: Any
+) -> SidecarSettings:
+    """SidecarSettings, with validation errors reported against the option that caused them."""
+    try:
+        settings = SidecarSettings(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        raise typer.BadParameter(
+            err["msg"].removeprefix("Value error, "),
+            param_hint=f"'{_OPTION_OF_FIELD.get(field, field)}'",
+        ) from None
+    if settings.require_token() and settings.api_token is None:
+        remote = [a for a in (settings.grpc_listen, settings.http_listen) if a]
+        remote = [a for a in remote if not is_local_address(a)]
+        option = listen_options[0] if settings.grpc_listen in remote else listen_options[1]
+        raise typer.BadParameter(
+            f"{TOKEN_ENV} is not set, and {', '.join(remote)} is beyond loopback, where an API "
+            f"token is required. Export {TOKEN_ENV}=<secret> (an environment variable, never a "
+            "flag), or listen on 127.0.0.1 or a unix:/// socket.",
+            param_hint=f"'{option}'",
+        )
+    return settings
+
+
+def _ensure_parent(db: Path) -> None:
+    try:
+        paths.ensure_data_dir(db.parent)
+    except paths.DataDirError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--db'") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Running until a signal
+
+
+def _run_until_signalled(
+    settings: SidecarSettings, on_up: Callable[[], None] | None = None, up_after: float = 0.5
+) -> int:
+    """Run `run_sidecar(settings)` until SIGINT/SIGTERM; return the process exit code.
+
+    The first signal cancels the sidecar task (it shuts down cleanly on cancellation); a second
+    one exits at once. `on_up` is called once the sidecar has run `up_after` seconds without
+    failing.
+    """
+    try:
+        from gateway.sidecar.server import (  # type: ignore[import-not-found, unused-ignore]
+            run_sidecar,
+        )
+    except ImportError as exc:
+        log.error("the embedded sidecar cannot be loaded: %s", exc)
+        return 1
+
+    signals_seen: list[int] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        runner = asyncio.create_task(run_sidecar(settings), name="duragate-sidecar")
+
+        def on_signal(signum: int) -> None:
+            name = signal.Signals(signum).name
+            if signals_seen:
+                log.warning("%s again: exiting without waiting for shutdown", name)
+                os._exit(128 + signum)
+            signals_seen.append(signum)
+            log.info("%s received: shutting down", name)
+            runner.cancel()
+
+        handled = (signal.SIGINT, signal.SIGTERM)
+        for sig in handled:
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            if on_up is not None:
+                done, _ = await asyncio.wait({runner}, timeout=up_after)
+                if not done:
+                    on_up()
+            await runner
+        except asyncio.CancelledError:
+            if not signals_seen:
+                raise
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:  # a SIGINT before the handlers were installed
+        return 130
+    except Exception as exc:
+        log.error(
+            "the sidecar stopped with an error: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG)
+        )
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# sidecar
+
+
+@app.command()
+def sidecar(
+    ctx: typer.Context,
+    db: Annotated[
+        Path | None,
+        typer.Option(
+            "--db",
+            dir_okay=False,
+            show_default="<data-dir>/engine.db",
+            help="The SQLite database file.",
+        ),
+    ] = None,
+    listen: Annotated[
+        str,
+        typer.Option(
+            "--listen",
+            callback=_grpc_address,
+            help="gRPC address: HOST:PORT (port 0 picks a free one) or unix:///absolute/path.",
+        ),
+    ] = _DEFAULTS["grpc_listen"],
+    http_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--http-listen",
+            callback=_http_address,
+            help="HTTP health endpoints (GET /v1.0/healthz): HOST:PORT, or 'off'.",
+        ),
+    ] = _DEFAULTS["http_listen"],
+    app_id: Annotated[str, typer.Option("--app-id", help="Dapr app id.")] = _DEFAULTS["app_id"],
+    state_store_name: Annotated[
+        str, typer.Option("--state-store-name", help="Name of the state store component.")
+    ] = _DEFAULTS["state_store_name"],
+    max_payload_bytes: Annotated[
+        int, typer.Option("--max-payload-bytes", min=1024, help="Largest accepted payload.")
+    ] = _DEFAULTS["max_payload_bytes"],
+    synchronous: Annotated[
+        Synchronous,
+        typer.Option(
+            "--synchronous",
+            case_sensitive=False,
+            help="SQLite synchronous mode: FULL survives power loss; NORMAL only process crashes.",
+        ),
+    ] = DEFAULT_SYNCHRONOUS,
+) -> None:
+    """Run the embedded Dapr-compatible sidecar on its own, until SIGINT or SIGTERM.
+
+    The API token comes from the DAPR_API_TOKEN environment variable, never from a flag.
+    It is required when a listener is beyond loopback (unix sockets count as local).
+    """
+    settings = _build_settings(
+        db_path=db if db is not None else Path("engine.db"),  # placeholder, replaced below
+        grpc_listen=listen,
+        http_listen=http_listen,
+        api_token=_api_token(),
+        app_id=app_id,
+        state_store_name=state_store_name,
+        max_payload_bytes=max_payload_bytes,
+        synchronous=synchronous.value,
+    )
+    if db is None:
+        db_path = paths.engine_db_path(_options(ctx).data_dir())
+    else:
+        db_path = db.expanduser().absolute()
+        _ensure_parent(db_path)
+    settings = settings.model_copy(update={"db_path": db_path})
+    log.info(
+        "starting the sidecar: db=%s grpc=%s http=%s api_token=%s",
+        settings.db_path,
+        settings.grpc_listen,
+        settings.http_listen or "off",
+        "set" if settings.api_token else "not set",
+    )
+    raise typer.Exit(_run_until_signalled(settings))
+
+
+# ---------------------------------------------------------------------------------------------
+# serve
+
+
+@dataclass
+class ServeConfig:
+    data_dir: Path | None = None
+    engine_kind: str = "embedded"
+
+
+def _load_config(path: Path) -> ServeConfig:
+    """Read the settings of gateway.yaml that exist today: `data_dir` and `engine.kind`."""
+
+    def bad(msg: str) -> typer.BadParameter:
+        return typer.BadParameter(f"{path}: {msg}", param_hint="'--config'")
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise bad(f"cannot read: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise bad(f"not valid YAML: {exc}") from None
+    if raw is None:
+        return ServeConfig()
+    if not isinstance(raw, dict):
+        raise bad("the top level must be a mapping")
+    unknown = sorted(set(raw) - {"data_dir", "engine"})
+    if unknown:
+        raise bad(f"unknown setting(s): {', '.join(map(str, unknown))}")
+    config = ServeConfig()
+    if raw.get("data_dir") is not None:
+        if not isinstance(raw["data_dir"], str) or not raw["data_dir"]:
+            raise bad("data_dir must be a path")
+        data_dir = Path(raw["data_dir"]).expanduser()
+        config.data_dir = data_dir if data_dir.is_absolute() else path.parent / data_dir
+    engine = raw.get("engine") or {}
+    if not isinstance(engine, dict):
+        raise bad("engine must be a mapping")
+    unknown = sorted(set(engine) - {"kind"})
+    if unknown:
+        raise bad(f"unknown engine setting(s): {', '.join(map(str, unknown))}")
+    kind = engine.get("kind", "embedded")
+    if kind != "embedded":
+        raise bad(f"engine.kind {kind!r} is not supported yet (only 'embedded')")
+    config.engine_kind = kind
+    return config
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            envvar=CONFIG_ENV,
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="gateway.yaml (see config/README.md).",
+        ),
+    ] = None,
+    health_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--health-listen",
+            envvar="DURAGATE_HEALTH_LISTEN",
+            callback=_http_address,
+            show_default="off",
+            help="Also serve the engine's HTTP health endpoints (GET /v1.0/healthz) on HOST:PORT.",
+        ),
+    ] = None,
+) -> None:
+    """Run the gateway. For now: the embedded engine on loopback, data in the data directory."""
+    cfg = _load_config(config) if config is not None else ServeConfig()
+    settings = _build_settings(
+        db_path=Path("engine.db"),  # placeholder: the data dir is created only once all is valid
+        listen_options=("--listen", "--health-listen"),
+        grpc_listen="127.0.0.1:0",
+        http_listen=health_listen,
+        api_token=_api_token(),
+    )
+    data_dir = _options(ctx).data_dir(cfg.data_dir)
+    settings = settings.model_copy(update={"db_path": paths.engine_db_path(data_dir)})
+
+    def announce() -> None:
+        log.info(
+            "Duragate gateway is up (engine: embedded, on loopback); data in %s",
+            data_dir,
+        )
+
+    raise typer.Exit(_run_until_signalled(settings, on_up=announce))
+
+
+def run() -> None:
+    """Entry point of `python -m gateway`: the same as the `duragate` script."""
+    app(prog_name="duragate")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

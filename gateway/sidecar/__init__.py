@@ -1,0 +1,1 @@
+"""The embedded, Dapr-compatible sidecar: workflow and state APIs on SQLite."""

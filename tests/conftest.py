@@ -1,0 +1,21 @@
+"""Shared test setup. Keep this file small: fixtures belong next to the tests that use them."""
+
+from __future__ import annotations
+
+import pytest
+
+# Settings read from the environment by the `duragate` CLI. A developer's own values must not
+# change what a test sees; a test that wants one sets it explicitly.
+_DURAGATE_ENV = (
+    "DURAGATE_DATA_DIR",
+    "DURAGATE_LOG_LEVEL",
+    "DURAGATE_LOG_FORMAT",
+    "DURAGATE_CONFIG",
+    "DURAGATE_HEALTH_LISTEN",
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolate_duragate_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in _DURAGATE_ENV:
+        monkeypatch.delenv(name, raising=False)
