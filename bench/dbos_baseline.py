@@ -2,10 +2,13 @@
 
 - sequential latency (p50/p90/p99) of a 1-step and a 5-step workflow, start to result, each
   after 20 warm-up runs;
-- throughput of WORKFLOWS single-step workflows with CONCURRENCY in flight: a thread pool of
-  CONCURRENCY threads, each doing `DBOS.start_workflow` + `handle.get_result()`;
+- throughput of WORKFLOWS single-step workflows with CONCURRENCY in flight (asyncio gated by a
+  semaphore, as bench.engine_bench does);
 - cpu_seconds: CPU (user + system) this process used during the throughput phase; DBOS and its
   SQLite database both run inside it.
+
+Workflows and steps are async, started with `DBOS.start_workflow_async` and awaited with
+`handle.get_result()`.
 
 Default DBOS settings (SQLite's own defaults: rollback journal, synchronous FULL) in a fresh
 temporary directory, removed on exit. Prints one JSON object on stdout; logs go to stderr.
@@ -16,6 +19,7 @@ Run it in a fresh process: `python -m bench.dbos_baseline [--n 200] [--workflows
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import json
 import logging
@@ -23,13 +27,13 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Coroutine
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 WARMUP = 20
+Workflow = Callable[[int], Coroutine[Any, Any, int]]
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -48,35 +52,63 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
-def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    from dbos import DBOS, DBOSConfig
+async def job(args: argparse.Namespace) -> dict[str, Any]:
+    from dbos import DBOS
 
     @DBOS.step()
-    def echo(value: int) -> int:
+    async def echo(value: int) -> int:
         return value
 
     @DBOS.workflow()
-    def one_step(value: int) -> int:
-        return echo(value)
+    async def one_step(value: int) -> int:
+        return await echo(value)
 
     @DBOS.workflow()
-    def five_steps(value: int) -> int:
+    async def five_steps(value: int) -> int:
         for _ in range(5):
-            value = echo(value)
+            value = await echo(value)
         return value
 
-    def run_one(workflow: Callable[[int], int], value: int) -> float:
+    async def run_one(workflow: Workflow, value: int) -> float:
         t0 = time.perf_counter()
-        result = DBOS.start_workflow(workflow, value).get_result()
+        handle = await DBOS.start_workflow_async(workflow, value)
+        result = await handle.get_result()
         elapsed = time.perf_counter() - t0
         if result != value:
             raise RuntimeError(f"workflow returned {result!r}, expected {value!r}")
         return elapsed
 
-    def sequential(workflow: Callable[[int], int], n: int) -> dict[str, float]:
+    async def sequential(workflow: Workflow, n: int) -> dict[str, float]:
         for i in range(min(WARMUP, n)):
-            run_one(workflow, i)
-        return percentiles([run_one(workflow, i) for i in range(n)])
+            await run_one(workflow, i)
+        return percentiles([await run_one(workflow, i) for i in range(n)])
+
+    gate = asyncio.Semaphore(args.concurrency)
+
+    async def limited(i: int) -> float:
+        async with gate:
+            return await run_one(one_step, i)
+
+    out: dict[str, Any] = {
+        "seq_1_activity_ms": await sequential(one_step, args.n),
+        "seq_5_activity_ms": await sequential(five_steps, max(args.n // 2, 1)),
+    }
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    latencies = await asyncio.gather(*(limited(i) for i in range(args.workflows)))
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    out.update(
+        throughput_wfps=round(args.workflows / elapsed, 1),
+        concurrency=args.concurrency,
+        workflows=args.workflows,
+        cpu_seconds=round(cpu, 2),
+        cores_used=round(cpu / elapsed, 2),
+        latency_ms=percentiles(list(latencies)),
+    )
+    return out
+
+
+def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    from dbos import DBOS, DBOSConfig
 
     config: DBOSConfig = {
         "name": "dbos-baseline",
@@ -86,29 +118,11 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     DBOS(config=config)
     DBOS.launch()
     try:
-        out: dict[str, Any] = {
-            "system": "dbos",
-            "version": metadata.version("dbos"),
-            "database": "sqlite",
-            "seq_1_activity_ms": sequential(one_step, args.n),
-            "seq_5_activity_ms": sequential(five_steps, max(args.n // 2, 1)),
-        }
-        with ThreadPoolExecutor(args.concurrency, thread_name_prefix="bench-client") as pool:
-            cpu0, t0 = time.process_time(), time.perf_counter()
-            latencies = list(pool.map(lambda i: run_one(one_step, i), range(args.workflows)))
-            elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        figures = asyncio.run(job(args))
     finally:
         DBOS.destroy(destroy_registry=True)
-    out.update(
-        throughput_wfps=round(args.workflows / elapsed, 1),
-        concurrency=args.concurrency,
-        workflows=args.workflows,
-        cpu_seconds=round(cpu, 2),
-        cores_used=round(cpu / elapsed, 2),
-        latency_ms=percentiles(latencies),
-        client="threads",
-    )
-    return out
+    head = {"system": "dbos", "version": metadata.version("dbos"), "database": "sqlite"}
+    return {**head, **figures}
 
 
 def main(argv: list[str] | None = None) -> int:

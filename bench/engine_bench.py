@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         help="worker layouts for standalone runs: 0 = worker in the bench process, K = K processes",
     )
     parser.add_argument(
-        "--scaling", type=lambda s: [int(x) for x in s.split(",")], default=[10, 25, 50]
+        "--scaling", type=lambda s: [int(x) for x in s.split(",") if x], default=[10, 25, 50]
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the DBOS baseline")
     parser.add_argument("--out", type=Path)

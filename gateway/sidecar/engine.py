@@ -236,6 +236,9 @@ class Engine:
         self._timer_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._ids = itertools.count(1)
+        # Tokens carry a per-process boot id, so an answer to a dispatch made before a restart
+        # never matches a dispatch made after it.
+        self._boot = uuid.uuid4().hex[:12]
         self._inbox_ids = itertools.count(1)
         self._activity_ids = itertools.count(1)
         # The last few finished instances, so "start then wait" needs no read from disk.
@@ -327,6 +330,7 @@ class Engine:
                 if not w.future.done():
                     w.future.set_exception(UnavailableError("the sidecar is shutting down"))
         self._waiters.clear()
+        await self.store.drain()
         self.store.close()
 
     def _check_open(self) -> None:
@@ -443,7 +447,7 @@ class Engine:
             inst = self._instances.get(item.instance_id)
             if inst is None or inst.execution_id != item.execution_id:
                 continue
-            token = f"{stream.id}.{next(self._ids)}"
+            token = f"{self._boot}.{stream.id}.{next(self._ids)}"
             d = Dispatch(token=token, stream=stream, instance_id=item.instance_id, activity=item)
             self._remember(d)
             return pb.WorkItem(activityRequest=item.request, completionToken=token)
@@ -451,7 +455,7 @@ class Engine:
 
     def _dispatch_turn(self, inst: Instance, stream: WorkerStream) -> pb.WorkItem:
         started = _event(workflowStarted=pb.WorkflowStartedEvent())
-        token = f"{stream.id}.{next(self._ids)}"
+        token = f"{self._boot}.{stream.id}.{next(self._ids)}"
         d = Dispatch(
             token=token,
             stream=stream,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -93,6 +94,10 @@ class WorkflowStore:
         self._read_lock = threading.Lock()
         self._batches: list[_Batch] = []
         self._flush_scheduled = False
+        self._committing = False
+        self._commit_queue: queue.SimpleQueue[tuple[list[_Batch], asyncio.AbstractEventLoop] | None]
+        self._commit_queue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._last_future: asyncio.Future[None] | None = None
         self._failed: BaseException | None = None
         self.commits = 0
@@ -104,6 +109,8 @@ class WorkflowStore:
         self._conn = connect(self.path, self.synchronous)
         self._conn.executescript(SCHEMA)
         self._reader = connect(self.path, self.synchronous)
+        self._thread = threading.Thread(target=self._committer, name="wf-commit", daemon=True)
+        self._thread.start()
 
     def load_live(self) -> tuple[list[LoadedInstance], list[tuple[int, str, bytes]], int, int]:
         """Everything needed to resume: live instances with their history and inbox, the
@@ -195,10 +202,8 @@ class WorkflowStore:
     def submit(self, ops: list[Op]) -> asyncio.Future[None]:
         """Queue a batch; the returned future resolves once it is committed.
 
-        Batches submitted during one turn of the event loop are committed together by a
-        flush scheduled for the next turn. The commit runs on the loop itself: the sidecar's
-        loop does nothing but serve the sidecar, and a handoff to a writer thread cost more
-        latency (GIL handoffs) than the fsync it would hide.
+        Batches submitted during one turn of the event loop, or while the previous commit
+        was running, are committed together by one transaction.
         """
         if self._failed is not None:
             raise StoreClosedError(f"the workflow store failed: {self._failed}")
@@ -221,28 +226,64 @@ class WorkflowStore:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._committing or not self._batches:
+            return  # the commit in progress starts the next flush when it ends
         batches, self._batches = self._batches, []
-        if not batches:
+        if self._failed is not None:
+            self._settle(batches, self._failed)
             return
-        error: BaseException | None = self._failed
-        if error is None:
-            conn = self._require_conn()
+        conn = self._require_conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for batch in batches:
+                for sql, args in batch.ops:
+                    conn.execute(sql, args)
+        except BaseException as exc:  # noqa: BLE001 - reported to every waiter
+            self._fail(conn, exc)
+            self._settle(batches, exc)
+            return
+        # The fsync of COMMIT runs on the committer thread so the loop keeps serving; what is
+        # submitted meanwhile goes into the next transaction.
+        self._committing = True
+        self._commit_queue.put((batches, asyncio.get_running_loop()))
+
+    def _committer(self) -> None:
+        while True:
+            item = self._commit_queue.get()
+            if item is None:
+                return
+            batches, loop = item
+            error: BaseException | None = None
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                for batch in batches:
-                    for sql, args in batch.ops:
-                        conn.execute(sql, args)
-                conn.execute("COMMIT")
-                self.commits += 1
+                self._require_conn().execute("COMMIT")
             except BaseException as exc:  # noqa: BLE001 - reported to every waiter
                 error = exc
-                log.error("workflow store commit failed: %s", exc)
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                # Memory is now ahead of the disk: refuse further work rather than diverge.
-                self._failed = exc
+            try:
+                loop.call_soon_threadsafe(self._committed, batches, error)
+            except RuntimeError:  # the loop is gone (shutdown)
+                return
+
+    def _committed(self, batches: list[_Batch], error: BaseException | None) -> None:
+        self._committing = False
+        if error is None:
+            self.commits += 1
+        else:
+            self._fail(self._require_conn(), error)
+        self._settle(batches, error)
+        if self._batches:
+            self._flush()
+
+    def _fail(self, conn: sqlite3.Connection, exc: BaseException) -> None:
+        log.error("workflow store commit failed: %s", exc)
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        # Memory is now ahead of the disk: refuse further work rather than diverge.
+        self._failed = exc
+
+    @staticmethod
+    def _settle(batches: list[_Batch], error: BaseException | None) -> None:
         for b in batches:
             if b.future.done():
                 continue
@@ -251,8 +292,19 @@ class WorkflowStore:
             else:
                 b.future.set_exception(StoreClosedError(f"commit failed: {error}"))
 
+    async def drain(self) -> None:
+        """Commit whatever is still queued; call before `close`."""
+        while self._batches or self._committing:
+            if not self._committing:
+                self._flush()
+            await self.barrier()
+            await asyncio.sleep(0)
+
     def close(self) -> None:
-        self._flush()
+        if self._thread is not None:
+            self._commit_queue.put(None)
+            self._thread.join()
+            self._thread = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None

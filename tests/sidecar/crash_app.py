@@ -41,9 +41,12 @@ import dapr.ext.workflow as wf
 import grpc
 from dapr.ext.workflow.logger import LoggerOptions
 
+if not __package__:  # run by path: make `gateway` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 READY_MARKER = "CRASH_APP_READY"
 GATE_POLL_SECONDS = 0.02
-QUIET = LoggerOptions(log_level=logging.WARNING)
+QUIET = LoggerOptions(log_level="WARNING")
 
 log = logging.getLogger("crash_app")
 
@@ -99,7 +102,7 @@ def _run_step(ctx: wf.WorkflowActivityContext, name: str, inp: dict[str, Any]) -
     return result
 
 
-class AckRecorder(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class AckRecorder(grpc.UnaryUnaryClientInterceptor):
     """Journals the sidecar's answer to every CompleteActivityTask: "ack" once the sidecar has
     accepted (and so committed) an activity result, "nack" when it refused it."""
 

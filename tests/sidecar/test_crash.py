@@ -14,8 +14,8 @@ wants it. What every test checks after the restart:
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
 import os
 import random
 import select
@@ -28,19 +28,24 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import dapr.ext.workflow as wf
+import grpc
 import pytest
 from dapr.ext.workflow import WorkflowHistoryEventType as EventType
 from dapr.ext.workflow.logger import LoggerOptions
+from google.protobuf import wrappers_pb2
+
+from gateway.sidecar.protos import pb, workflow_grpc
 
 from .conftest import REPO_ROOT, DaprEnv, SidecarProcess
 
 pytestmark = pytest.mark.crash
 
-QUIET = LoggerOptions(log_level=logging.WARNING)
+QUIET = LoggerOptions(log_level="WARNING")
 READY_MARKER = "CRASH_APP_READY"
 TIMEOUT = 30.0  # the longest any single wait may take
 POLL = 0.02
@@ -168,10 +173,8 @@ class Harness:
         (self.gates / name).touch()
 
     def journal(self) -> list[dict[str, Any]]:
-        lines = self.journal_path.read_text().splitlines()
-        # A line is written with one write(): only a line being written right now can be partial.
-        if lines and not lines[-1].endswith("}"):
-            lines.pop()
+        # Every line ends with a newline; whatever follows the last one is still being written.
+        lines = self.journal_path.read_text().split("\n")[:-1]
         return [json.loads(line) for line in lines]
 
     def runs(self, instance: str, label: str, event: str = "start") -> list[dict[str, Any]]:
@@ -180,6 +183,10 @@ class Harness:
             for r in self.journal()
             if r["instance"] == instance and r.get("label") == label and r["event"] == event
         ]
+
+    def refused(self) -> list[dict[str, Any]]:
+        """Activity results the sidecar refused (see AckRecorder in crash_app)."""
+        return [r for r in self.journal() if r["event"] == "nack"]
 
     # waiting
     def wait_until(self, predicate: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
@@ -305,6 +312,7 @@ def test_kill_during_activity_reruns_it_once_and_records_it_once(harness: Harnes
     assert s2[0]["task_execution_id"] == s2[1]["task_execution_id"] != ""
     assert pids(h.runs(iid, "s3")) == [app2.pid]
     assert pids(h.runs(iid, "s3", "end")) == [app2.pid]
+    assert not h.refused()
 
 
 # --- 1b. killed with durable timers pending ---------------------------------------------------
@@ -315,21 +323,21 @@ def test_timers_survive_a_kill_including_one_due_while_down(harness: Harness) ->
     app1 = h.start_app()
     client = h.client(app1.grpc_address)
     # One timer comes due while the process is down, the other after it is back.
-    overdue = client.schedule_new_workflow("timer_wf", input={"value": "o", "seconds": 2})
+    overdue = client.schedule_new_workflow("timer_wf", input={"value": "o", "seconds": 3})
     pending = client.schedule_new_workflow("timer_wf", input={"value": "p", "seconds": 8})
     created: dict[str, float] = {}
     for iid in (overdue, pending):
-        h.wait_until(
-            lambda iid=iid: has_event(client, iid, EventType.TIMER_CREATED),
-            f"{iid} has created its timer",
-        )
-        (ev,) = [e for e in history(client, iid) if e.event_type == EventType.TIMER_CREATED]
+
+        def timer_created(iid: str = iid) -> list[wf.WorkflowHistoryEvent]:
+            return [e for e in history(client, iid) if e.event_type == EventType.TIMER_CREATED]
+
+        (ev,) = h.wait_until(timer_created, f"{iid} has created its timer")
         created[iid] = utc_seconds(ev.timestamp)
     assert not h.runs(overdue, "after") and not h.runs(pending, "after")
     killed_at = app1.kill()
 
     # The workflow clock is at most the commit time of the turn that created the timer.
-    overdue_by = created[overdue] + 2
+    overdue_by = created[overdue] + 3
     assert killed_at < overdue_by, "the short timer came due before the kill: too slow"
     time.sleep(max(0.0, overdue_by - time.time()) + 0.5)
 
@@ -355,6 +363,7 @@ def test_timers_survive_a_kill_including_one_due_while_down(harness: Harness) ->
     due = on_time["input"]["due"]
     assert app2.ready_at < due, "the long timer was still pending after the restart"
     assert due <= on_time["time"] < due + 10, "the pending timer fires at its due time"
+    assert not h.refused()
 
 
 # --- 1c. killed while a child workflow runs ---------------------------------------------------
@@ -385,6 +394,7 @@ def test_kill_during_child_workflow(harness: Harness) -> None:
     assert pids(h.runs(child_id, "child")) == [app1.pid, app2.pid]
     assert pids(h.runs(child_id, "child", "end")) == [app2.pid]
     assert pids(h.runs(iid, "p2")) == [app2.pid]
+    assert not h.refused()
 
 
 # --- 1d. killed while waiting for an external event -------------------------------------------
@@ -414,6 +424,7 @@ def test_kill_while_waiting_for_an_external_event(harness: Harness) -> None:
     assert Counter(e.event_type for e in events)[EventType.EVENT_RAISED] == 1
     assert pids(h.runs(iid, "prep")) == [app1.pid]
     assert pids(h.runs(iid, "approved-by-alice")) == [app2.pid]
+    assert not h.refused()
 
 
 # --- 1e. killed at random points, between turns -----------------------------------------------
@@ -450,7 +461,7 @@ def test_random_kills_between_turns(harness: Harness, seed: int) -> None:
     threshold = N_CHAINS
     for round_ in range(3):
         threshold += rng.randint(10, 30) if round_ == 0 else rng.randint(5, 15)
-        h.wait_until(lambda t=threshold: progress("start") >= t, f"{threshold} activities ran")
+        h.wait_until(partial(lambda t: progress("start") >= t, threshold), f"{threshold} ran")
         time.sleep(rng.uniform(0.0, 0.03))
         finished_before = progress("end")
         app.kill()
@@ -466,7 +477,7 @@ def test_random_kills_between_turns(harness: Harness, seed: int) -> None:
         assert_results_recorded_once(client, iid, tasks=CHAIN_STEPS)
 
     journal = h.journal()
-    assert not [r for r in journal if r["event"] == "nack"]
+    assert not h.refused()
     acked = {(r["instance"], r["task_id"], r["pid"]) for r in journal if r["event"] == "ack"}
     reruns = 0
     for i, iid in enumerate(ids):
@@ -523,9 +534,19 @@ def test_worker_reconnects_to_a_restarted_standalone_sidecar(
 
     assert pids(h.runs(iid, "s1")) == [worker.pid]
     assert pids(h.runs(iid, "s2")) == [worker.pid, worker.pid]
-    # The copy started before the crash finishes too; its late result must change nothing.
-    h.wait_until(lambda: len(h.runs(iid, "s2", "end")) == 2, "both copies of s2 finish")
     assert pids(h.runs(iid, "s3")) == [worker.pid]
+    # The copy started before the crash finishes too, and the worker sends its result to the
+    # new sidecar (ignored or refused): it must change nothing.
+    task_id = h.runs(iid, "s2")[0]["task_id"]
+
+    def answered() -> list[dict[str, Any]]:
+        return [
+            r
+            for r in h.journal()
+            if r["event"] in ("ack", "nack") and (r["instance"], r["task_id"]) == (iid, task_id)
+        ]
+
+    h.wait_until(lambda: len(answered()) == 2, "both copies of s2 have sent their result")
     state = client.get_workflow_state(iid)
     assert state is not None and json.loads(state.serialized_output) == "r>s1>s2>s3"
     assert_results_recorded_once(client, iid, tasks=3)
@@ -560,3 +581,71 @@ def test_second_worker_takes_over_a_dead_workers_activity(
     assert who("s2", "end") == ["w2"]
     assert [r["pid"] for r in h.runs(iid, "s2")] == [w1.pid, w2.pid]
     assert who("s3") == ["w2"] and who("s3", "end") == ["w2"]
+    assert not h.refused()
+
+
+# --- completion tokens across restarts ---------------------------------------------------
+
+
+def test_an_answer_to_a_dispatch_from_before_a_restart_is_ignored(
+    tmp_path: Path, sidecar_process: Callable[..., SidecarProcess]
+) -> None:
+    db = tmp_path / "tokens.db"
+    sidecar = sidecar_process(db, http_listen=None)
+    with grpc.insecure_channel(sidecar.grpc_address) as channel:
+        stub = workflow_grpc.TaskHubSidecarServiceStub(channel)
+        items = stub.GetWorkItems(pb.GetWorkItemsRequest(), timeout=TIMEOUT)
+        # StartInstance waits for the first turn, which is never answered: do not wait for it
+        # (but keep the call: a dropped future cancels it).
+        start = stub.StartInstance.future(pb.CreateInstanceRequest(instanceId="x", name="wf"))
+        before = next(items)
+        assert before.workflowRequest.instanceId == "x"
+        assert stub.GetInstance(pb.GetInstanceRequest(instanceId="x")).exists  # committed
+        sidecar.kill()
+        start.cancel()
+        items.cancel()
+
+    sidecar = sidecar_process(db, http_listen=None)
+    with grpc.insecure_channel(sidecar.grpc_address) as channel:
+        stub = workflow_grpc.TaskHubSidecarServiceStub(channel)
+        stub.RaiseEvent(
+            pb.RaiseEventRequest(
+                instanceId="x", name="approve", input=wrappers_pb2.StringValue(value='"yes"')
+            )
+        )
+        items = stub.GetWorkItems(pb.GetWorkItemsRequest(), timeout=TIMEOUT)
+        after = next(items)
+        kinds = [e.WhichOneof("eventType") for e in after.workflowRequest.newEvents]
+        assert kinds == ["workflowStarted", "executionStarted", "eventRaised"]
+
+        def answer(token: str, output: str) -> None:
+            stub.CompleteOrchestratorTask(
+                pb.WorkflowResponse(
+                    instanceId="x",
+                    completionToken=token,
+                    actions=[
+                        pb.WorkflowAction(
+                            id=1,
+                            completeWorkflow=pb.CompleteWorkflowAction(
+                                workflowStatus=pb.ORCHESTRATION_STATUS_COMPLETED,
+                                result=wrappers_pb2.StringValue(value=json.dumps(output)),
+                            ),
+                        )
+                    ],
+                )
+            )
+
+        # The worker that got `before` answers it now, having never seen the event. Ignoring the
+        # answer or refusing it are both right.
+        with contextlib.suppress(grpc.RpcError):
+            answer(before.completionToken, "stale")
+        state = stub.GetInstance(pb.GetInstanceRequest(instanceId="x", getInputsAndOutputs=True))
+        # Ignored as stale: no turn has committed yet (still PENDING) and `after` is still the
+        # turn in flight, with the "approve" event not yet consumed.
+        assert state.workflowState.workflowStatus == pb.ORCHESTRATION_STATUS_PENDING
+        assert after.completionToken != before.completionToken
+        answer(after.completionToken, "fresh")
+        state = stub.GetInstance(pb.GetInstanceRequest(instanceId="x", getInputsAndOutputs=True))
+        assert state.workflowState.workflowStatus == pb.ORCHESTRATION_STATUS_COMPLETED
+        assert json.loads(state.workflowState.output.value) == "fresh"
+        items.cancel()
