@@ -188,6 +188,11 @@ class Instance:
         ]
 
 
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
 @dataclass(eq=False)
 class _Waiter:
     predicate: Callable[[pb.WorkflowState | None], bool]
@@ -820,15 +825,23 @@ class Engine:
         timeout: float | None,
     ) -> pb.WorkflowState | None:
         """Wait until the instance's state satisfies `predicate` (None: it does not exist)."""
+        loop = asyncio.get_running_loop()
         # Registered before the first read, so a change made while reading is not missed.
-        fut: asyncio.Future[pb.WorkflowState | None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[pb.WorkflowState | None] = loop.create_future()
         waiter = _Waiter(predicate, fut)
         self._waiters.setdefault(instance_id, []).append(waiter)
+        expiry: asyncio.TimerHandle | None = None
         try:
-            state = await self.get_state(instance_id)
+            state = self._peek_state(instance_id)
+            if state is None:
+                state = await self.get_state(instance_id)
             if not predicate(state):
-                state = await asyncio.wait_for(fut, timeout)
+                if timeout is not None:
+                    expiry = loop.call_later(timeout, _expire, fut)
+                state = await fut
         finally:
+            if expiry is not None:
+                expiry.cancel()
             waiters = self._waiters.get(instance_id)
             if waiters and waiter in waiters:
                 waiters.remove(waiter)
@@ -837,17 +850,21 @@ class Engine:
         await self.store.barrier()  # answer only with what is committed
         return state
 
+    def _peek_state(self, instance_id: str) -> pb.WorkflowState | None:
+        """The state held in memory (live or recently finished), without waiting."""
+        inst = self._instances.get(instance_id)
+        if inst is not None:
+            return inst.state
+        return self._finished.get(instance_id)
+
     # --- client API -----------------------------------------------------------------------
     async def get_state(self, instance_id: str) -> pb.WorkflowState | None:
         """The committed state of an instance, or None if it does not exist."""
         self._check_open()
         await self.store.barrier()
-        inst = self._instances.get(instance_id)
-        if inst is not None:
-            return inst.state
-        finished = self._finished.get(instance_id)
-        if finished is not None:
-            return finished
+        state = self._peek_state(instance_id)
+        if state is not None:
+            return state
         blob = await asyncio.to_thread(self.store.read_state, instance_id)
         inst = self._instances.get(instance_id)  # it may have been started meanwhile
         if inst is not None:
