@@ -229,6 +229,75 @@ def dbos_baseline(args: argparse.Namespace) -> dict[str, Any] | None:
     return json.loads(proc.stdout)
 
 
+def label(r: dict[str, Any]) -> str:
+    workers = f", {r['worker_processes']} worker proc" if r["mode"] == "standalone" else ""
+    return f"{r['mode']} {r['synchronous']}{workers}"
+
+
+def draw(doc: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Bar charts of throughput and latency against the baseline, and the history scaling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = doc["results"]
+    base = doc.get("baseline")
+    names = [label(r) for r in rows] + ([f"DBOS {base['version']} (sqlite)"] if base else [])
+    tput = [r["throughput_wfps"] for r in rows] + ([base["throughput_wfps"]] if base else [])
+    p50 = [r["seq_1_activity_ms"]["p50"] for r in rows]
+    p99 = [r["seq_1_activity_ms"]["p99"] for r in rows]
+    if base:
+        p50.append(base["seq_1_activity_ms"]["p50"])
+        p99.append(base["seq_1_activity_ms"]["p99"])
+    written = []
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colors = ["tab:blue"] * len(rows) + (["tab:gray"] if base else [])
+    ax.barh(names, tput, color=colors)
+    ax.axvline(TARGET["throughput_wfps"], color="tab:red", linestyle="--", label="target")
+    ax.set_xlabel(
+        f"workflows/s ({doc['job']['workflows']} single-activity, "
+        f"{doc['job']['concurrency']} in flight)"
+    )
+    ax.legend()
+    fig.tight_layout()
+    written.append(out_dir / "engine-throughput.png")
+    fig.savefig(written[-1], dpi=110)
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    y = range(len(names))
+    ax.barh([i + 0.2 for i in y], p50, height=0.4, label="p50", color="tab:blue")
+    ax.barh([i - 0.2 for i in y], p99, height=0.4, label="p99", color="tab:orange")
+    ax.set_yticks(list(y), names)
+    ax.axvline(TARGET["seq_p50_ms"], color="tab:red", linestyle="--", label="p50 target")
+    ax.set_xlabel("sequential 1-activity workflow, start to result (ms)")
+    ax.legend()
+    fig.tight_layout()
+    written.append(out_dir / "engine-latency.png")
+    fig.savefig(written[-1], dpi=110)
+
+    if doc["history_scaling"]:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for stateful in (True, False):
+            pts = [r for r in doc["history_scaling"] if r["stateful_history"] is stateful]
+            ax.plot(
+                [r["activities"] for r in pts],
+                [r["ms_per_workflow"] for r in pts],
+                marker="o",
+                label="stateful history" if stateful else "full history every turn",
+            )
+        ax.set_xlabel("sequential activities in one workflow")
+        ax.set_ylabel("ms per workflow")
+        ax.legend()
+        fig.tight_layout()
+        written.append(out_dir / "engine-history-scaling.png")
+        fig.savefig(written[-1], dpi=110)
+    plt.close("all")
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200, help="sequential runs per latency figure")
@@ -245,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         "--scaling", type=lambda s: [int(x) for x in s.split(",") if x], default=[10, 25, 50]
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the DBOS baseline")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--png", type=Path, help="draw charts into this folder")
     args = parser.parse_args(argv)
 
     configs = []
@@ -295,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+    if args.png:
+        for path in draw(doc, args.png):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

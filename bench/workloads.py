@@ -6,7 +6,6 @@ the sidecar at that address, prints `ready` and serves until it is killed.
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import dapr.ext.workflow as wf
 from dapr.ext.workflow.logger import LoggerOptions
 
-QUIET = LoggerOptions(log_level=logging.WARNING)
+QUIET = LoggerOptions(log_level="WARNING")
 
 
 def start_runtime(address: str) -> wf.WorkflowRuntime:

@@ -320,6 +320,11 @@ class Engine:
             if ev.executionStarted.HasField("parentInstance"):
                 inst.parent = ev.executionStarted.parentInstance
 
+    def close_streams(self) -> None:
+        """Refuse new work and end every work-item stream, so the server can stop at once."""
+        self._closing = True
+        self._wake_streams()
+
     async def stop(self) -> None:
         self._closing = True
         for t in self._tasks:

@@ -291,6 +291,8 @@ class Sidecar:
         self._ready = False  # the health endpoints answer 500 from now on
         server, health, engine, store = self._server, self._health, self._engine, self._store
         self._server = self._health = self._engine = self._store = None
+        if engine is not None:
+            engine.close_streams()  # workers' streams end now instead of after the grace period
         steps: list[tuple[str, Callable[[], Awaitable[None]] | None]] = [
             ("gRPC server", (lambda: server.stop(grace)) if server is not None else None),
             ("workflow engine", engine.stop if engine is not None else None),

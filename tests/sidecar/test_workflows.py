@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 import uuid
@@ -24,7 +23,7 @@ from gateway.sidecar.server import SidecarThread
 
 from .conftest import sidecar_settings
 
-QUIET = LoggerOptions(log_level=logging.WARNING)
+QUIET = LoggerOptions(log_level="WARNING")
 TIMEOUT = 30
 
 # Activity executions, counted across the module: (activity, key) -> count.
@@ -153,7 +152,7 @@ def counter(ctx: wf.DaprWorkflowContext, state: dict[str, Any]) -> Any:
     ctx.continue_as_new({**state, "n": state["n"] + 1}, save_events=True)
 
 
-WORKFLOWS = [
+WORKFLOWS: list[Any] = [
     sequence,
     fan_out,
     retrying,
@@ -170,7 +169,7 @@ WORKFLOWS = [
     parent_of_waiting,
     counter,
 ]
-ACTIVITIES = [echo, flaky, always_fails]
+ACTIVITIES: list[Any] = [echo, flaky, always_fails]
 
 
 def start_runtime(address: str) -> wf.WorkflowRuntime:
@@ -219,9 +218,18 @@ def client(sidecar_mod: SidecarThread, runtime: wf.WorkflowRuntime) -> wf.DaprWo
 
 
 def run(client: wf.DaprWorkflowClient, workflow: Any, inp: Any = None) -> wf.WorkflowState:
-    iid = client.schedule_new_workflow(workflow, input=inp, instance_id=new_id())
+    return done(client, client.schedule_new_workflow(workflow, input=inp, instance_id=new_id()))
+
+
+def done(client: wf.DaprWorkflowClient, iid: str) -> wf.WorkflowState:
     state = client.wait_for_workflow_completion(iid, timeout_in_seconds=TIMEOUT)
-    assert state is not None
+    assert state is not None, f"{iid} does not exist"
+    return state
+
+
+def state_of(client: wf.DaprWorkflowClient, iid: str) -> wf.WorkflowState:
+    state = client.get_workflow_state(iid)
+    assert state is not None, f"{iid} does not exist"
     return state
 
 
@@ -289,7 +297,7 @@ def test_activity_failure_fails_workflow_with_details(client: wf.DaprWorkflowCli
 
 def test_unregistered_workflow_fails_clearly(client: wf.DaprWorkflowClient) -> None:
     iid = client.schedule_new_workflow("no_such_workflow", instance_id=new_id())
-    state = client.wait_for_workflow_completion(iid, timeout_in_seconds=TIMEOUT)
+    state = done(client, iid)
     assert state is not None and state.runtime_status == wf.WorkflowStatus.FAILED
     assert "no_such_workflow" in state.failure_details.message
 
@@ -315,10 +323,10 @@ def test_external_event_and_custom_status(client: wf.DaprWorkflowClient) -> None
     while state.serialized_custom_status != "waiting for approval":
         assert time.monotonic() < deadline
         time.sleep(0.02)
-        state = client.get_workflow_state(iid)
+        state = state_of(client, iid)
     # The SDK matches event names case-insensitively.
     client.raise_workflow_event(iid, "APPROVE", data={"by": "alice"})
-    state = client.wait_for_workflow_completion(iid, timeout_in_seconds=TIMEOUT)
+    state = done(client, iid)
     assert state.runtime_status == wf.WorkflowStatus.COMPLETED
     assert state.serialized_output == '{"by": "alice"}'
     assert state.serialized_custom_status == "approved"
@@ -328,7 +336,7 @@ def test_events_raised_early_are_buffered(client: wf.DaprWorkflowClient) -> None
     iid = client.schedule_new_workflow(two_events, instance_id=new_id())
     client.raise_workflow_event(iid, "b", data=2)
     client.raise_workflow_event(iid, "a", data=1)
-    state = client.wait_for_workflow_completion(iid, timeout_in_seconds=TIMEOUT)
+    state = done(client, iid)
     assert state.serialized_output == "[1, 2]"
 
 
@@ -337,7 +345,7 @@ def test_event_or_timeout(client: wf.DaprWorkflowClient) -> None:
     iid = client.schedule_new_workflow(approval_with_timeout, input=30, instance_id=new_id())
     wait_status(client, iid, wf.WorkflowStatus.RUNNING)
     client.raise_workflow_event(iid, "approve", data="yes")
-    state = client.wait_for_workflow_completion(iid, timeout_in_seconds=TIMEOUT)
+    state = done(client, iid)
     assert state.serialized_output == '"yes"'
 
 
@@ -348,7 +356,7 @@ def test_wait_forever_timer_is_recorded_never_fired(client: wf.DaprWorkflowClien
     events = client.get_workflow_history(iid)
     assert [e.event_type.value for e in events].count("timerFired") == 0
     client.raise_workflow_event(iid, "approve", data=1)
-    state = client.wait_for_workflow_completion(iid, timeout_in_seconds=TIMEOUT)
+    state = done(client, iid)
     assert state.runtime_status == wf.WorkflowStatus.COMPLETED
 
 
@@ -365,13 +373,13 @@ def test_suspend_holds_events_until_resume(client: wf.DaprWorkflowClient) -> Non
     iid = client.schedule_new_workflow(two_events, instance_id=new_id())
     wait_status(client, iid, wf.WorkflowStatus.RUNNING)
     client.pause_workflow(iid)
-    assert client.get_workflow_state(iid).runtime_status == wf.WorkflowStatus.SUSPENDED
+    assert state_of(client, iid).runtime_status == wf.WorkflowStatus.SUSPENDED
     client.raise_workflow_event(iid, "a", data=1)
     client.raise_workflow_event(iid, "b", data=2)
     time.sleep(0.3)
-    assert client.get_workflow_state(iid).runtime_status == wf.WorkflowStatus.SUSPENDED
+    assert state_of(client, iid).runtime_status == wf.WorkflowStatus.SUSPENDED
     client.resume_workflow(iid)
-    state = client.wait_for_workflow_completion(iid, timeout_in_seconds=TIMEOUT)
+    state = done(client, iid)
     assert state.runtime_status == wf.WorkflowStatus.COMPLETED
     assert state.serialized_output == "[1, 2]"
     types = history_types(client, iid)
@@ -382,7 +390,7 @@ def test_terminate_running_and_suspended(client: wf.DaprWorkflowClient) -> None:
     iid = client.schedule_new_workflow(approval, instance_id=new_id())
     wait_status(client, iid, wf.WorkflowStatus.RUNNING)
     client.terminate_workflow(iid, output="stopped by test")
-    state = client.wait_for_workflow_completion(iid, timeout_in_seconds=TIMEOUT)
+    state = done(client, iid)
     assert state.runtime_status == wf.WorkflowStatus.TERMINATED
     assert state.serialized_output == '"stopped by test"'
 
@@ -390,11 +398,11 @@ def test_terminate_running_and_suspended(client: wf.DaprWorkflowClient) -> None:
     wait_status(client, iid, wf.WorkflowStatus.RUNNING)
     client.pause_workflow(iid)
     client.terminate_workflow(iid)
-    state = client.wait_for_workflow_completion(iid, timeout_in_seconds=TIMEOUT)
+    state = done(client, iid)
     assert state.runtime_status == wf.WorkflowStatus.TERMINATED
     # A finished instance drops later events quietly, as daprd does.
     client.raise_workflow_event(iid, "approve", data=1)
-    assert client.get_workflow_state(iid).runtime_status == wf.WorkflowStatus.TERMINATED
+    assert state_of(client, iid).runtime_status == wf.WorkflowStatus.TERMINATED
 
 
 def test_recursive_terminate_stops_children(client: wf.DaprWorkflowClient) -> None:
@@ -402,16 +410,14 @@ def test_recursive_terminate_stops_children(client: wf.DaprWorkflowClient) -> No
     child_id = f"{iid}:0001"
     wait_status(client, child_id, wf.WorkflowStatus.RUNNING)
     client.terminate_workflow(iid, recursive=True)
-    assert client.wait_for_workflow_completion(
-        child_id, timeout_in_seconds=TIMEOUT
-    ).runtime_status == (wf.WorkflowStatus.TERMINATED)
+    assert done(client, child_id).runtime_status == (wf.WorkflowStatus.TERMINATED)
 
     iid = client.schedule_new_workflow(parent_of_waiting, instance_id=new_id())
     child_id = f"{iid}:0001"
     wait_status(client, child_id, wf.WorkflowStatus.RUNNING)
     client.terminate_workflow(iid, recursive=False)
     wait_status(client, iid, wf.WorkflowStatus.TERMINATED)
-    assert client.get_workflow_state(child_id).runtime_status == wf.WorkflowStatus.RUNNING
+    assert state_of(client, child_id).runtime_status == wf.WorkflowStatus.RUNNING
     client.terminate_workflow(child_id)
 
 
@@ -445,7 +451,7 @@ def test_continue_as_new_carries_events(client: wf.DaprWorkflowClient) -> None:
     iid = client.schedule_new_workflow(counter, input={"n": 0, "until": 4}, instance_id=new_id())
     # Raised early: it must survive the continue-as-new that happens before it is awaited.
     client.raise_workflow_event(iid, "bump", data="bumped!")
-    state = client.wait_for_workflow_completion(iid, timeout_in_seconds=TIMEOUT)
+    state = done(client, iid)
     assert state.runtime_status == wf.WorkflowStatus.COMPLETED
     assert state.serialized_output == '{"n": 4, "until": 4, "bumped": "bumped!"}'
     # History holds only the last execution.
@@ -464,10 +470,10 @@ def test_instance_id_reuse_rules(client: wf.DaprWorkflowClient) -> None:
         client.schedule_new_workflow(approval, instance_id=iid)
     assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
     client.raise_workflow_event(iid, "approve", data="first")
-    first = client.wait_for_workflow_completion(iid, timeout_in_seconds=TIMEOUT)
+    first = done(client, iid)
     # A finished id can be used again: a fresh execution with its own history.
     client.schedule_new_workflow(sequence, input=2, instance_id=iid)
-    second = client.wait_for_workflow_completion(iid, timeout_in_seconds=TIMEOUT)
+    second = done(client, iid)
     assert second.serialized_output == "[0, 1]"
     assert second.name == "sequence" and first.name == "approval"
     assert history_types(client, iid).count("executionStarted") == 1
@@ -558,11 +564,11 @@ def test_history_shape(client: wf.DaprWorkflowClient) -> None:
 def test_wait_for_start_and_scheduled_start(client: wf.DaprWorkflowClient) -> None:
     start_at = datetime.now(UTC) + timedelta(seconds=0.6)
     iid = client.schedule_new_workflow(sequence, input=1, instance_id=new_id(), start_at=start_at)
-    assert client.get_workflow_state(iid).runtime_status == wf.WorkflowStatus.PENDING
+    assert state_of(client, iid).runtime_status == wf.WorkflowStatus.PENDING
     started = client.wait_for_workflow_start(iid, timeout_in_seconds=TIMEOUT)
-    assert started.runtime_status != wf.WorkflowStatus.PENDING
+    assert started is not None and started.runtime_status != wf.WorkflowStatus.PENDING
     assert datetime.now(UTC) >= start_at
-    state = client.wait_for_workflow_completion(iid, timeout_in_seconds=TIMEOUT)
+    state = done(client, iid)
     assert state.serialized_output == "[0]"
 
 
@@ -591,7 +597,7 @@ def test_aio_client(sidecar_mod: SidecarThread, runtime: wf.WorkflowRuntime) -> 
         states = await asyncio.gather(
             *(aclient.wait_for_workflow_completion(i, timeout_in_seconds=TIMEOUT) for i in ids)
         )
-        return [s.serialized_output for s in states]
+        return [s.serialized_output if s else None for s in states]
 
     outputs = asyncio.run(main())
     assert outputs == [str(list(range(i))).replace(" ", " ") for i in range(1, 6)]
