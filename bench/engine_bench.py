@@ -230,7 +230,12 @@ def dbos_baseline(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def label(r: dict[str, Any]) -> str:
-    workers = f", {r['worker_processes']} worker proc" if r["mode"] == "standalone" else ""
+    if r["mode"] != "standalone":
+        workers = ""
+    elif r["worker_processes"]:
+        workers = f", {r['worker_processes']} worker processes"
+    else:
+        workers = ", worker in client process"
     return f"{r['mode']} {r['synchronous']}{workers}"
 
 

@@ -73,7 +73,9 @@ class FailedPreconditionError(EngineError):
     code = "FAILED_PRECONDITION"
 
 
-class PayloadTooLargeError(EngineError):
+class ResourceExhaustedError(EngineError):
+    """Too big, or too many: RESOURCE_EXHAUSTED."""
+
     code = "RESOURCE_EXHAUSTED"
 
 
@@ -879,7 +881,7 @@ class Engine:
     def _check_payload(self, what: str, value: wrappers_pb2.StringValue | None) -> None:
         limit = self.settings.max_payload_bytes
         if value is not None and len(value.value.encode()) > limit:
-            raise PayloadTooLargeError(
+            raise ResourceExhaustedError(
                 f"{what} is {len(value.value.encode())} bytes; the sidecar accepts at most "
                 f"{limit} bytes (max_payload_bytes)"
             )
@@ -903,6 +905,11 @@ class Engine:
         if req.enforceUniqueInstanceId:
             if await self.get_state(instance_id) is not None:
                 raise AlreadyExistsError(f"a workflow instance with ID '{instance_id}' exists")
+        if len(self._instances) >= self.settings.max_live_instances:
+            raise ResourceExhaustedError(
+                f"the sidecar already holds {len(self._instances)} unfinished workflow instances"
+                f" (max_live_instances); retry when some have finished"
+            )
         if instance_id in self._instances:
             status = pb.OrchestrationStatus.Name(self._instances[instance_id].live_status())
             raise AlreadyExistsError(

@@ -34,6 +34,7 @@ from .protos import runtime_grpc, workflow_grpc
 from .settings import MiB, SidecarSettings
 from .state_service import StateServicer
 from .state_store import StateStore
+from .strict_parsing import add_servicer
 from .workflow_service import WorkflowServicer
 
 logger = logging.getLogger(__name__)
@@ -247,10 +248,14 @@ class Sidecar:
 
         interceptors = [ApiTokenInterceptor(token)] if token else []
         server = grpc.aio.server(interceptors=interceptors, options=grpc_server_options(settings))
-        workflow_grpc.add_TaskHubSidecarServiceServicer_to_server(
-            WorkflowServicer(self._engine), server
+        add_servicer(
+            server,
+            workflow_grpc.add_TaskHubSidecarServiceServicer_to_server,
+            WorkflowServicer(self._engine),
         )
-        runtime_grpc.add_DaprServicer_to_server(StateServicer(self._store, settings), server)
+        add_servicer(
+            server, runtime_grpc.add_DaprServicer_to_server, StateServicer(self._store, settings)
+        )
         self._server = server
         self._grpc_address = await self._bind(server, settings.grpc_listen)
         await server.start()

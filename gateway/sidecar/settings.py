@@ -44,6 +44,8 @@ class SidecarSettings(BaseModel):
     # StartInstance answers once the first turn has committed (as daprd does), waiting at
     # most this long; 0 answers as soon as the instance is stored.
     start_wait_seconds: float = Field(default=5.0, ge=0)
+    # Live (unfinished) instances held at once; a start beyond it is refused, not queued.
+    max_live_instances: int = Field(default=200_000, ge=1)
     # Send workers only the history they have not cached, when they offer that capability.
     stateful_history: bool = True
 

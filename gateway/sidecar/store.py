@@ -109,8 +109,9 @@ class WorkflowStore:
         self._conn = connect(self.path, self.synchronous)
         self._conn.executescript(SCHEMA)
         self._reader = connect(self.path, self.synchronous)
-        self._thread = threading.Thread(target=self._committer, name="wf-commit", daemon=True)
-        self._thread.start()
+        if self.synchronous == "FULL":
+            self._thread = threading.Thread(target=self._committer, name="wf-commit", daemon=True)
+            self._thread.start()
 
     def load_live(self) -> tuple[list[LoadedInstance], list[tuple[int, str, bytes]], int, int]:
         """Everything needed to resume: live instances with their history and inbox, the
@@ -241,6 +242,16 @@ class WorkflowStore:
         except BaseException as exc:  # noqa: BLE001 - reported to every waiter
             self._fail(conn, exc)
             self._settle(batches, exc)
+            return
+        if self._thread is None:
+            # Without fsync a COMMIT is quick: a handoff to the committer thread would cost more.
+            error: BaseException | None = None
+            try:
+                conn.execute("COMMIT")
+            except BaseException as exc:  # noqa: BLE001 - reported to every waiter
+                error = exc
+            self._committing = True
+            self._committed(batches, error)
             return
         # The fsync of COMMIT runs on the committer thread so the loop keeps serving; what is
         # submitted meanwhile goes into the next transaction.

@@ -755,3 +755,39 @@ def test_second_task_completion_is_dropped(tmp_path: Path) -> None:
         past = [e.WhichOneof("eventType") for e in turn2.workflowRequest.pastEvents]
         assert past == ["workflowStarted", "executionStarted", "taskScheduled"]
         stream.cancel()
+
+
+def test_too_many_live_instances_is_refused(tmp_path: Path) -> None:
+    settings = sidecar_settings(
+        tmp_path / "cap.db", http_listen=None, max_live_instances=2, start_wait_seconds=0
+    )
+    with SidecarThread(settings) as sc:
+        c = make_client(sc.grpc_address)
+        c.schedule_new_workflow("approval", instance_id="a")
+        c.schedule_new_workflow("approval", instance_id="b")
+        with pytest.raises(grpc.RpcError) as info:
+            c.schedule_new_workflow("approval", instance_id="c")
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_live_instances" in info.value.details()
+        c.terminate_workflow("a")
+        c.schedule_new_workflow("approval", instance_id="c")  # room again
+
+
+def test_garbage_bytes_are_refused_and_the_sidecar_keeps_serving(sidecar_mod: Any) -> None:
+    with grpc.insecure_channel(sidecar_mod.grpc_address) as channel:
+        for method in ("StartInstance", "CompleteOrchestratorTask", "RaiseEvent"):
+            call = channel.unary_unary(
+                f"/TaskHubSidecarService/{method}",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )
+            with pytest.raises(grpc.RpcError) as info:
+                call(b"\xff\xff\xff\xff\x0f not a protobuf message", timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "malformed" in info.value.details()
+        unknown = channel.unary_unary("/TaskHubSidecarService/NoSuchMethod")
+        with pytest.raises(grpc.RpcError) as info:
+            unknown(b"", timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        stub = workflow_grpc.TaskHubSidecarServiceStub(channel)
+        assert not stub.GetInstance(pb.GetInstanceRequest(instanceId="still-alive")).exists
