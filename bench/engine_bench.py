@@ -189,22 +189,28 @@ def measure(
     }
 
 
+# Result sizes of the scaling runs: small results, and results the size of an LLM answer.
+RESULT_BYTES = (16, 10_000)
+
+
 async def scaling_run(address: str, stateful: bool, sizes: list[int]) -> list[dict[str, Any]]:
     host, _, port = address.rpartition(":")
     client = DaprWorkflowClient(host=host, port=port, logger_options=QUIET)
-    await run_one(client, "n_activities", 1)
+    await run_one(client, "n_activities", [1, 16])
     rows = []
-    for n in sizes:
-        runs = [await run_one(client, "n_activities", n) for _ in range(3)]
-        median = statistics.median(runs) * 1000
-        rows.append(
-            {
-                "activities": n,
-                "stateful_history": stateful,
-                "ms_per_workflow": round(median, 1),
-                "ms_per_activity": round(median / n, 2),
-            }
-        )
+    for size in RESULT_BYTES:
+        for n in sizes:
+            runs = [await run_one(client, "n_activities", [n, size]) for _ in range(3)]
+            median = statistics.median(runs) * 1000
+            rows.append(
+                {
+                    "activities": n,
+                    "result_bytes": size,
+                    "stateful_history": stateful,
+                    "ms_per_workflow": round(median, 1),
+                    "ms_per_activity": round(median / n, 2),
+                }
+            )
     return rows
 
 
@@ -285,14 +291,20 @@ def draw(doc: dict[str, Any], out_dir: Path) -> list[Path]:
 
     if doc["history_scaling"]:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for stateful in (True, False):
-            pts = [r for r in doc["history_scaling"] if r["stateful_history"] is stateful]
-            ax.plot(
-                [r["activities"] for r in pts],
-                [r["ms_per_workflow"] for r in pts],
-                marker="o",
-                label="stateful history" if stateful else "full history every turn",
-            )
+        for size in RESULT_BYTES:
+            for stateful in (True, False):
+                pts = [
+                    r
+                    for r in doc["history_scaling"]
+                    if r["stateful_history"] is stateful and r["result_bytes"] == size
+                ]
+                how = "stateful history" if stateful else "full history every turn"
+                ax.plot(
+                    [r["activities"] for r in pts],
+                    [r["ms_per_workflow"] for r in pts],
+                    marker="o",
+                    label=f"{how}, {size} B results",
+                )
         ax.set_xlabel("sequential activities in one workflow")
         ax.set_ylabel("ms per workflow")
         ax.legend()
@@ -324,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     configs = []
-    for mode in args.modes.split(","):
+    for mode in filter(None, args.modes.split(",")):
         layouts = (
             [int(k) for k in args.worker_processes.split(",")] if mode == "standalone" else [0]
         )

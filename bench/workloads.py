@@ -31,9 +31,11 @@ def start_runtime(address: str) -> wf.WorkflowRuntime:
             value = yield ctx.call_activity(echo, input=value)
         return value
 
-    def n_activities(ctx: wf.DaprWorkflowContext, n: int) -> Any:
-        for i in range(n):
-            yield ctx.call_activity(echo, input=i)
+    def n_activities(ctx: wf.DaprWorkflowContext, spec: list[int]) -> Any:
+        """`spec` = [n, size]: n sequential activities, each returning `size` bytes."""
+        n, size = spec
+        for _ in range(n):
+            yield ctx.call_activity(echo, input="x" * size)
         return n
 
     host, _, port = address.rpartition(":")
