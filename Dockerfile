@@ -25,17 +25,17 @@ RUN pip install . && duragate version
 
 # The data directory (the engine's SQLite file) lives on a volume.
 ENV DURAGATE_DATA_DIR=/data \
-    DURAGATE_LOG_FORMAT=json \
-    DURAGATE_HEALTH_LISTEN=127.0.0.1:3500
+    DURAGATE_LOG_FORMAT=json
 VOLUME ["/data"]
 
 USER duragate
 
-# The embedded engine's health endpoint (GET /v1.0/healthz answers 204 when ready). It listens
-# on the container's loopback, where the health check runs.
+# The gateway's readiness endpoint (200 once the engine answers), on the port of the config.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:3500/v1.0/healthz', timeout=4); sys.exit(0 if 200 <= r.status < 300 else 1)"]
+    CMD ["python", "-c", "import sys, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8770/readyz', timeout=4); sys.exit(0 if r.status == 200 else 1)"]
 
 # Exec form: duragate is PID 1 and gets SIGTERM from `docker stop` (it shuts down cleanly).
 ENTRYPOINT ["duragate"]
-CMD ["serve"]
+# The demo configuration listens on the container's loopback only (it allows anonymous
+# callers); mount a configuration of your own at /app/config to serve others.
+CMD ["serve", "--config", "/app/config/gateway.yaml"]

@@ -1,1 +1,40 @@
-"""adapters package."""
+"""Tool kinds: one module per kind, each exposing `ADAPTER` (see `adapters.base`).
+
+Kind modules are imported only when a tool of that kind is configured: some wrap frameworks
+that take seconds and hundreds of MiB to import (crewai, langgraph).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from adapters.base import Adapter, ToolLoadError
+
+# Modules of this package that are not tool kinds.
+_NOT_KINDS = frozenset({"base"})
+
+
+def known_kinds() -> list[str]:
+    """The tool kinds this installation has: the kind modules present in the package."""
+    return sorted(
+        info.name
+        for info in pkgutil.iter_modules(__path__)
+        if info.name not in _NOT_KINDS and not info.name.startswith("_")
+    )
+
+
+def adapter_for(kind: str) -> Adapter:
+    """The adapter for `kind`, importing its module on first use."""
+    kinds = known_kinds()
+    if kind not in kinds:
+        raise ToolLoadError(f"unknown tool kind {kind!r}; known kinds: {', '.join(kinds)}")
+    try:
+        module = importlib.import_module(f"{__name__}.{kind}")
+    except ImportError as exc:
+        # Most likely an optional dependency of that kind (`pip install duragate[crewai]`).
+        raise ToolLoadError(f"the {kind!r} tool kind cannot be loaded: {exc}") from exc
+    adapter: Adapter | None = getattr(module, "ADAPTER", None)
+    if adapter is None or getattr(adapter, "kind", None) != kind:
+        raise ToolLoadError(f"adapters.{kind} does not define ADAPTER for kind {kind!r}")
+    return adapter

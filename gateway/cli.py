@@ -2,8 +2,9 @@
 
     duragate [--log-level L] [--log-format console|json] [--data-dir DIR] COMMAND ...
 
-Commands: `serve` (the gateway; today it runs the embedded engine on loopback), `sidecar` (the
-embedded Dapr-compatible sidecar on its own), `paths` (where the data lives), `version`.
+Commands: `serve` (the gateway: MCP over Streamable HTTP), `stdio` (MCP over stdio), `call` and
+`tasks` (against a running gateway), `sidecar` (the embedded Dapr-compatible sidecar on its
+own), `paths` (where the data lives), `version`.
 
 The sidecar's API token is read from the `DAPR_API_TOKEN` environment variable only: a
 command-line flag would show in `ps` and in shell history.
@@ -15,18 +16,24 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-import yaml
 from pydantic import SecretStr, ValidationError
 
 from gateway import __version__, logs, paths
+from gateway.cli_remote import register as register_remote_commands
 from gateway.sidecar.settings import SidecarSettings, is_local_address
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
+
+# The demo configuration, served when `serve` is given none.
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "config" / "gateway.yaml"
 
 log = logging.getLogger("duragate.cli")
 
@@ -233,15 +240,9 @@ def _ensure_parent(db: Path) -> None:
 # Running until a signal
 
 
-def _run_until_signalled(
-    settings: SidecarSettings, on_up: Callable[[], None] | None = None, up_after: float = 0.5
+def _run_sidecar_until_signalled(
+    settings: SidecarSettings, on_up: Callable[[], None] | None = None
 ) -> int:
-    """Run `run_sidecar(settings)` until SIGINT/SIGTERM; return the process exit code.
-
-    The first signal cancels the sidecar task (it shuts down cleanly on cancellation); a second
-    one exits at once. `on_up` is called once the sidecar has run `up_after` seconds without
-    failing.
-    """
     try:
         from gateway.sidecar.server import (  # type: ignore[import-not-found, unused-ignore]
             run_sidecar,
@@ -249,12 +250,25 @@ def _run_until_signalled(
     except ImportError as exc:
         log.error("the embedded sidecar cannot be loaded: %s", exc)
         return 1
+    return _run_until_signalled(lambda: run_sidecar(settings), on_up=on_up, what="sidecar")
 
+
+def _run_until_signalled(
+    make: Callable[[], Coroutine[Any, Any, None]],
+    on_up: Callable[[], None] | None = None,
+    up_after: float = 0.5,
+    what: str = "gateway",
+) -> int:
+    """Run `make()` until SIGINT/SIGTERM; return the process exit code.
+
+    The first signal cancels the task (it shuts down cleanly on cancellation); a second one
+    exits at once. `on_up` is called once the task has run `up_after` seconds without failing.
+    """
     signals_seen: list[int] = []
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        runner = asyncio.create_task(run_sidecar(settings), name="duragate-sidecar")
+        runner = asyncio.create_task(make(), name=f"duragate-{what}")
 
         def on_signal(signum: int) -> None:
             name = signal.Signals(signum).name
@@ -287,7 +301,7 @@ def _run_until_signalled(
         return 130
     except Exception as exc:
         log.error(
-            "the sidecar stopped with an error: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG)
+            "the %s stopped with an error: %s", what, exc, exc_info=log.isEnabledFor(logging.DEBUG)
         )
         return 1
     return 0
@@ -369,102 +383,101 @@ def sidecar(
         settings.http_listen or "off",
         "set" if settings.api_token else "not set",
     )
-    raise typer.Exit(_run_until_signalled(settings))
+    raise typer.Exit(_run_sidecar_until_signalled(settings))
 
 
 # ---------------------------------------------------------------------------------------------
 # serve
 
 
-@dataclass
-class ServeConfig:
-    data_dir: Path | None = None
-    engine_kind: str = "embedded"
+def _load_gateway_config(path: Path | None) -> GatewayConfig:
+    """The config (the demo one in config/ when none is given), with every tool loaded: a
+    problem anywhere stops here, before anything starts, with exit code 2."""
+    from gateway.config import ConfigError, load_config
+    from gateway.registry import Registry
 
-
-def _load_config(path: Path) -> ServeConfig:
-    """Read the settings of gateway.yaml that exist today: `data_dir` and `engine.kind`."""
-
-    def bad(msg: str) -> typer.BadParameter:
-        return typer.BadParameter(f"{path}: {msg}", param_hint="'--config'")
-
+    if path is None:
+        if not DEMO_CONFIG.is_file():
+            raise typer.BadParameter(
+                "no configuration: pass --config PATH (or set DURAGATE_CONFIG)",
+                param_hint="'--config'",
+            )
+        path = DEMO_CONFIG
+        log.info("no --config given: serving the demo configuration %s", path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise bad(f"cannot read: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise bad(f"not valid YAML: {exc}") from None
-    if raw is None:
-        return ServeConfig()
-    if not isinstance(raw, dict):
-        raise bad("the top level must be a mapping")
-    unknown = sorted(set(raw) - {"data_dir", "engine"})
-    if unknown:
-        raise bad(f"unknown setting(s): {', '.join(map(str, unknown))}")
-    config = ServeConfig()
-    if raw.get("data_dir") is not None:
-        if not isinstance(raw["data_dir"], str) or not raw["data_dir"]:
-            raise bad("data_dir must be a path")
-        data_dir = Path(raw["data_dir"]).expanduser()
-        config.data_dir = data_dir if data_dir.is_absolute() else path.parent / data_dir
-    engine = raw.get("engine") or {}
-    if not isinstance(engine, dict):
-        raise bad("engine must be a mapping")
-    unknown = sorted(set(engine) - {"kind"})
-    if unknown:
-        raise bad(f"unknown engine setting(s): {', '.join(map(str, unknown))}")
-    kind = engine.get("kind", "embedded")
-    if kind != "embedded":
-        raise bad(f"engine.kind {kind!r} is not supported yet (only 'embedded')")
-    config.engine_kind = kind
+        config = load_config(path)
+        Registry.from_config(config)  # every tool's target loads, or nothing starts
+    except ConfigError as exc:
+        typer.echo(f"error: the configuration is not valid:\n{exc}", err=True)
+        raise typer.Exit(2) from None
     return config
+
+
+def _check_exposure(config: GatewayConfig, host: str) -> None:
+    if config.identity.allow_anonymous and not is_local_address(f"{host}:0"):
+        raise typer.BadParameter(
+            f"identity.allow_anonymous is only allowed on loopback, and {host} is not: "
+            "anyone who can reach it could call every tool",
+            param_hint="'--host'",
+        )
+
+
+CONFIG_OPTION = typer.Option(
+    "--config",
+    "-c",
+    envvar=CONFIG_ENV,
+    exists=True,
+    dir_okay=False,
+    readable=True,
+    show_default="config/gateway.yaml (the demo)",
+    help="gateway.yaml (see config/README.md).",
+)
 
 
 @app.command()
 def serve(
     ctx: typer.Context,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            "-c",
-            envvar=CONFIG_ENV,
-            exists=True,
-            dir_okay=False,
-            readable=True,
-            help="gateway.yaml (see config/README.md).",
-        ),
+    config: Annotated[Path | None, CONFIG_OPTION] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Listen address (default: the config's).")
     ] = None,
-    health_listen: Annotated[
-        str | None,
-        typer.Option(
-            "--health-listen",
-            envvar="DURAGATE_HEALTH_LISTEN",
-            callback=_http_address,
-            show_default="off",
-            help="Also serve the engine's HTTP health endpoints (GET /v1.0/healthz) on HOST:PORT.",
-        ),
+    port: Annotated[
+        int | None,
+        typer.Option("--port", min=0, max=65535, help="Listen port (default: the config's)."),
     ] = None,
 ) -> None:
-    """Run the gateway. For now: the embedded engine on loopback, data in the data directory."""
-    cfg = _load_config(config) if config is not None else ServeConfig()
-    settings = _build_settings(
-        db_path=Path("engine.db"),  # placeholder: the data dir is created only once all is valid
-        listen_options=("--listen", "--health-listen"),
-        grpc_listen="127.0.0.1:0",
-        http_listen=health_listen,
-        api_token=_api_token(),
-    )
+    """Run the gateway: MCP over Streamable HTTP at /mcp, every call a durable workflow."""
+    from gateway.server import serve as serve_gateway
+
+    cfg = _load_gateway_config(config)
+    listen_host = host or cfg.listen.host
+    _check_exposure(cfg, listen_host)
     data_dir = _options(ctx).data_dir(cfg.data_dir)
-    settings = settings.model_copy(update={"db_path": paths.engine_db_path(data_dir)})
 
-    def announce() -> None:
-        log.info(
-            "Duragate gateway is up (engine: embedded, on loopback); data in %s",
-            data_dir,
+    def announce(url: str) -> None:
+        log.info("Duragate gateway is up: MCP at %s; data in %s", url, data_dir)
+
+    raise typer.Exit(
+        _run_until_signalled(
+            lambda: serve_gateway(cfg, data_dir, listen_host, port, on_ready=announce)
         )
+    )
 
-    raise typer.Exit(_run_until_signalled(settings, on_up=announce))
+
+@app.command()
+def stdio(
+    ctx: typer.Context,
+    config: Annotated[Path | None, CONFIG_OPTION] = None,
+) -> None:
+    """Serve MCP over stdin/stdout (for an IDE that starts the gateway itself)."""
+    from gateway.server import serve_stdio
+
+    cfg = _load_gateway_config(config)
+    data_dir = _options(ctx).data_dir(cfg.data_dir)
+    raise typer.Exit(_run_until_signalled(lambda: serve_stdio(cfg, data_dir)))
+
+
+register_remote_commands(app)
 
 
 def run() -> None:

@@ -35,7 +35,33 @@ _STANDARD_ATTRS = frozenset(
     vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)).keys()
 ) | {"message", "asctime", "taskName", "color_message"}
 # Libraries whose INFO lines say nothing a user needs ("Started server process ...").
-_QUIET_AT_INFO = ("uvicorn", "uvicorn.error", "uvicorn.access")
+# Libraries whose info lines are per-request noise; shown again at debug level.
+_QUIET_AT_INFO = (
+    "uvicorn",
+    "uvicorn.error",
+    "uvicorn.access",
+    "httpx",
+    "mcp.server.lowlevel.server",
+    "mcp.server.streamable_http",
+    "mcp.server.streamable_http_manager",
+    "durabletask-worker",
+    "durabletask-client",
+    "WorkflowRuntime",
+    "DaprWorkflowClient",
+)
+
+
+class _KnownBenignErrors(logging.Filter):
+    """Drops an error the mcp SDK logs when a client ends its session while its standalone
+    SSE stream is open (the stream was closed on purpose; nothing failed)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.name == "mcp.server.streamable_http"
+            and record.getMessage().startswith("Error in standalone SSE writer")
+            and record.exc_info is not None
+            and type(record.exc_info[1]).__name__ == "ClosedResourceError"
+        )
 
 
 def register_secret(value: str | None) -> None:
@@ -121,6 +147,7 @@ def configure_logging(
     else:
         raise ValueError(f"log format must be 'console' or 'json', not {fmt!r}")
     setattr(handler, _MARK, True)
+    handler.addFilter(_KnownBenignErrors())
 
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, _MARK, False)]:

@@ -457,11 +457,29 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="always send workers the whole history, even those that cache it",
     )
+    parser.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop when stdin closes (for a sidecar started by a gateway process)",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
 
-async def _serve_main(settings: SidecarSettings) -> None:
+def _watch_parent(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Stop when stdin reaches EOF: the parent that holds its other end has exited, even by
+    SIGKILL, so an embedded sidecar never outlives its gateway."""
+    # os.read on the descriptor, not sys.stdin: a daemon thread blocked inside the buffered
+    # reader holds its lock, which the interpreter then cannot take while it shuts down.
+    try:
+        while os.read(0, 4096):
+            pass
+    except OSError:
+        pass
+    loop.call_soon_threadsafe(stop.set)
+
+
+async def _serve_main(settings: SidecarSettings, exit_with_parent: bool = False) -> None:
     sidecar = Sidecar(settings)
     await sidecar.start()
     # One line on stdout tells a parent process the bound addresses (port 0 picks them).
@@ -475,6 +493,10 @@ async def _serve_main(settings: SidecarSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if exit_with_parent:
+        threading.Thread(
+            target=_watch_parent, args=(loop, stop), name="parent-watch", daemon=True
+        ).start()
     try:
         await stop.wait()
     finally:
@@ -501,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stateful_history=not args.no_stateful_history,
     )
     try:
-        asyncio.run(_serve_main(settings))
+        asyncio.run(_serve_main(settings, args.exit_with_parent))
     except (SidecarError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,133 @@
+"""The contract between the gateway and a kind of tool.
+
+Each kind (`python`, later `langgraph`, `crewai`, `mcp`, `a2a`, ...) is one module in this
+package exposing `ADAPTER`, an object with a `kind` and a `prepare(config)` that loads the
+target and returns a `PreparedTool`. The gateway only ever talks to `PreparedTool`s: it lists
+their `spec`s and, inside a workflow activity, calls `invoke`.
+
+Failures, and what the dispatch path is expected to do with them:
+- `ToolLoadError` at start-up (target missing, bad signature): the gateway refuses to start.
+- `ToolError` from `invoke`: the tool decided the call failed (bad input it only detects
+  itself, a refused operation). Reported to the caller as a tool error with its message.
+- any other exception from `invoke`: unexpected, so it is retried per the tool's retry policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.config import RetryConfig, TaskSupport, ToolConfig
+
+# (progress, total or None, message or None), as in MCP's notifications/progress.
+ProgressReporter = Callable[[float, float | None, str | None], None]
+
+
+class ToolLoadError(Exception):
+    """A tool cannot be prepared. The message says what to fix, naming the target."""
+
+
+class ToolError(Exception):
+    """A failure inside a tool, to be reported to the caller as the tool's error.
+
+    `data` (JSON-serialisable, optional) travels with the message as structured detail.
+    """
+
+    def __init__(self, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.data = data
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """What the gateway knows about a tool once it is loaded: enough to list it over MCP/A2A
+    and to schedule calls to it. Schemas are final (config overrides already applied)."""
+
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any] | None
+    kind: str
+    target: str
+    timeout_seconds: float
+    retry: RetryConfig
+    task_support: TaskSupport
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ToolConfig,
+        *,
+        description: str | None,
+        input_schema: dict[str, Any],
+        output_schema: dict[str, Any] | None,
+    ) -> ToolSpec:
+        """The spec for `config`, given what the adapter derived from the target. The config's
+        `description`, `input_schema` and `output_schema`, when set, win over derived ones."""
+        return cls(
+            name=config.name,
+            description=config.description or description or "",
+            input_schema=input_schema if config.input_schema is None else config.input_schema,
+            output_schema=output_schema if config.output_schema is None else config.output_schema,
+            kind=config.kind,
+            target=config.target,
+            timeout_seconds=config.timeout_seconds,
+            retry=config.retry,
+            task_support=config.task_support,
+        )
+
+
+def _ignore_progress(progress: float, total: float | None, message: str | None) -> None:
+    pass
+
+
+@dataclass
+class ToolContext:
+    """What a running call knows about itself; handed to tools that ask for it.
+
+    `task_execution_id` is stable across retries of the same activity: the key for checkpoints
+    that let a retried call resume instead of starting over. `attempt` counts from 1.
+
+    `report_progress` may be called from a worker thread (sync tools run in one), so the
+    activity must provide a thread-safe callable.
+    """
+
+    instance_id: str
+    task_execution_id: str
+    attempt: int = 1
+    report_progress: ProgressReporter | None = field(default=_ignore_progress)
+
+    def progress(
+        self, progress: float, total: float | None = None, message: str | None = None
+    ) -> None:
+        """Report progress; does nothing when no one listens."""
+        if self.report_progress is not None:
+            self.report_progress(progress, total, message)
+
+
+class PreparedTool(Protocol):
+    """A loaded tool, ready to be called."""
+
+    @property
+    def spec(self) -> ToolSpec: ...
+
+    async def invoke(self, arguments: dict[str, Any], context: ToolContext) -> Any:
+        """Run the tool once; return a JSON-serialisable value, or raise (see module doc).
+
+        `arguments` have already been checked against `spec.input_schema`. Time limits and
+        retries are the caller's business, not the tool's.
+        """
+        ...
+
+
+class Adapter(Protocol):
+    """One kind of tool."""
+
+    @property
+    def kind(self) -> str: ...
+
+    def prepare(self, config: ToolConfig) -> PreparedTool:
+        """Load `config.target` and derive its spec; raise `ToolLoadError` if it cannot be."""
+        ...

@@ -1,0 +1,609 @@
+"""The gateway's configuration (`gateway.yaml`): the model, and a loader whose errors name the
+file, the line and the key.
+
+    load_config(Path("config/gateway.yaml")) -> GatewayConfig
+
+Every model refuses unknown keys, so that a misspelt or newer setting is never silently ignored.
+Errors are collected from pydantic and placed on the YAML source by walking the composed node
+tree (`yaml.compose`) along each error's `loc`:
+
+    config/gateway.yaml:14: tools[1].retry.max_atempts: unknown key (did you mean 'max_attempts'?)
+
+Relative paths in the file (`data_dir`, `identity.config`, `policy.dir`) are taken from the
+directory of the config file, not from the current directory, so a config means the same thing
+wherever `duragate` is started from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from jsonschema import validators
+from jsonschema.exceptions import SchemaError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+MiB = 1024 * 1024
+
+# MCP 2025-11-25, "Tool names": 1 to 128 characters, case-sensitive, of these characters only.
+TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+# A tool kind is the name of a module in `adapters/`: keep it an identifier so that a config
+# value can never steer an import outside that package.
+TOOL_KIND_RE = re.compile(r"[a-z][a-z0-9_]*")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+Location = tuple[str | int, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong with a config file. `key` is the dotted path (`tools[1].retry`)."""
+
+    source: str
+    line: int | None
+    key: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}"
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used. `str()` has one line per problem, in file order."""
+
+    def __init__(self, problems: Sequence[ConfigProblem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    @classmethod
+    def at(cls, source: str, line: int | None, key: str | None, message: str) -> ConfigError:
+        return cls([ConfigProblem(source, line, key, message)])
+
+
+def format_location(loc: Location) -> str:
+    """`("tools", 1, "retry")` -> `tools[1].retry`."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON Schema helpers (shared with the registry)
+
+
+def schema_validator_class(schema: dict[str, Any]) -> Any:
+    """The jsonschema validator class for the schema's `$schema` (Draft 2020-12 when absent).
+
+    An unknown `$schema` is an error rather than a silent fallback: it would mean validating
+    with rules the author did not write for.
+    """
+    cls = validators.validator_for(schema, default=None)  # type: ignore[arg-type]
+    if cls is None:
+        if "$schema" in schema:
+            raise ValueError(f"unknown JSON Schema dialect {schema['$schema']!r}")
+        cls = validators.Draft202012Validator
+    return cls
+
+
+def check_tool_schema(schema: dict[str, Any]) -> None:
+    """Raise ValueError unless `schema` is a valid JSON Schema describing an object.
+
+    MCP requires both `inputSchema` and `outputSchema` to be object schemas.
+    """
+    cls = schema_validator_class(schema)
+    try:
+        cls.check_schema(schema)
+    except SchemaError as exc:
+        where = format_location(tuple(exc.absolute_path)) or "(root)"
+        raise ValueError(f"not a valid JSON Schema: {where}: {exc.message}") from None
+    if schema.get("type") != "object":
+        raise ValueError("must be an object schema (`type: object`), as MCP requires")
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """Take a relative path from the config file's directory (when loading from a file)."""
+    value = value.expanduser()
+    base = info.context.get("base_dir") if isinstance(info.context, dict) else None
+    if base is not None and not value.is_absolute():
+        # Absolute and without `..`: the path must not change meaning if the process changes
+        # directory, and it reads better in logs.
+        value = (Path(base) / value).resolve()
+    return value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+def _check_address(value: str, *, unix_ok: bool) -> str:
+    if unix_ok and value.startswith("unix://"):
+        if not value.startswith("unix:///"):
+            raise ValueError(f"{value!r}: a unix socket address is unix:///absolute/path")
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        hint = "HOST:PORT or unix:///path" if unix_ok else "HOST:PORT"
+        raise ValueError(f"{value!r} is not {hint}")
+    return value
+
+
+class ListenConfig(_Strict):
+    """Where the gateway's HTTP front doors listen."""
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8770, ge=0, le=65535)
+
+
+class EmbeddedEngineConfig(_Strict):
+    """The built-in Dapr-compatible sidecar, on loopback, SQLite in the data directory."""
+
+    kind: Literal["embedded"] = "embedded"
+    # SQLite's `synchronous` pragma: FULL survives power loss, NORMAL only process crashes.
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    # `process`: a child process that stops with the gateway (its own core: about twice the
+    # throughput); `thread`: inside the gateway process.
+    sidecar: Literal["process", "thread"] = "process"
+
+
+class DaprEngineConfig(_Strict):
+    """An external daprd sidecar. Its API token is read from the environment variable named by
+    `api_token_env`, never from this file (config files end up in repositories)."""
+
+    kind: Literal["dapr"]
+    grpc_address: str
+    http_address: str | None = None
+    api_token_env: str = "DAPR_API_TOKEN"
+
+    @field_validator("grpc_address")
+    @classmethod
+    def _grpc(cls, value: str) -> str:
+        return _check_address(value, unix_ok=True)
+
+    @field_validator("http_address")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        # The Dapr SDK accepts an endpoint URL as well as host:port.
+        bare = re.sub(r"^https?://", "", value).rstrip("/")
+        _check_address(bare, unix_ok=False)
+        return value
+
+    @field_validator("api_token_env")
+    @classmethod
+    def _env(cls, value: str) -> str:
+        if not ENV_NAME_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not an environment variable name")
+        return value
+
+
+def _engine_kind(value: Any) -> str | None:
+    # `kind` may be left out: an engine section without one is the embedded engine.
+    if isinstance(value, dict):
+        kind = value.get("kind", "embedded")
+        return kind if isinstance(kind, str) else repr(kind)
+    return getattr(value, "kind", None)
+
+
+EngineConfig = Annotated[
+    Annotated[EmbeddedEngineConfig, Tag("embedded")] | Annotated[DaprEngineConfig, Tag("dapr")],
+    Discriminator(_engine_kind),
+]
+
+
+class IdentityConfig(_Strict):
+    # Security by default: a caller that proves no identity is refused unless this is true.
+    allow_anonymous: bool = False
+    # Trust domains, bundles, OAuth settings: read by the identity layer (a later issue).
+    config: ConfigPath | None = None
+
+
+class PolicyConfig(_Strict):
+    # The directory of tenant policy files (a later issue).
+    dir: ConfigPath | None = None
+
+
+class LimitsConfig(_Strict):
+    max_body_bytes: int = Field(default=MiB, ge=1024)
+    # How long a plain (non-task) call is waited for before it must finish or become a task.
+    max_wait_seconds: float = Field(default=60.0, gt=0)
+
+
+class RetryConfig(_Strict):
+    """Retries of a failed tool activity (the shape of Dapr's workflow RetryPolicy)."""
+
+    max_attempts: int = Field(default=1, ge=1)
+    first_interval_seconds: float = Field(default=1.0, gt=0)
+    backoff_coefficient: float = Field(default=2.0, ge=1)
+    max_interval_seconds: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _intervals(self) -> RetryConfig:
+        if self.max_interval_seconds < self.first_interval_seconds:
+            raise ValueError(
+                f"max_interval_seconds ({self.max_interval_seconds}) is shorter than "
+                f"first_interval_seconds ({self.first_interval_seconds})"
+            )
+        return self
+
+
+TaskSupport = Literal["forbidden", "optional", "required"]
+
+
+class ToolConfig(_Strict):
+    """One tool. `kind` picks the adapter module (`adapters/<kind>.py`), `target` is what that
+    adapter loads (for `python`: `package.module:function`)."""
+
+    name: str
+    description: str | None = None
+    kind: str
+    target: str = Field(min_length=1)
+    input_schema: dict[str, Any] | None = None
+    output_schema: dict[str, Any] | None = None
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    task_support: TaskSupport = "optional"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not TOOL_NAME_RE.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a valid tool name: use 1 to 128 letters, digits, '_', '-' or '.'"
+            )
+        return value
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        if not TOOL_KIND_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a tool kind (lower-case letters, digits, '_')")
+        return value
+
+    @field_validator("input_schema", "output_schema")
+    @classmethod
+    def _schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            check_tool_schema(value)
+        return value
+
+
+def duplicate_names(names: Sequence[Any]) -> list[tuple[int, int]]:
+    """(index of first, index of repeat) for each repeated name."""
+    first: dict[Any, int] = {}
+    repeats = []
+    for index, name in enumerate(names):
+        if isinstance(name, str) and name in first:
+            repeats.append((first[name], index))
+        elif isinstance(name, str):
+            first[name] = index
+    return repeats
+
+
+class GatewayConfig(_Strict):
+    """The whole of `gateway.yaml`."""
+
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    data_dir: ConfigPath | None = None
+    engine: EngineConfig = Field(default_factory=EmbeddedEngineConfig)
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    tools: list[ToolConfig] = Field(default_factory=list)
+
+    # Where this config came from, to name file and line in errors found after loading (a tool
+    # whose target does not import, for instance).
+    _source: str | None = PrivateAttr(default=None)
+    _root: yaml.Node | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        # `identity:` with every setting commented out is None in YAML: mean "the defaults".
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in cls.model_fields)}
+        return data
+
+    @model_validator(mode="after")
+    def _unique_tool_names(self) -> GatewayConfig:
+        for first, repeat in duplicate_names([t.name for t in self.tools]):
+            raise ValueError(
+                f"tools[{repeat}].name: {self.tools[repeat].name!r} is defined twice "
+                f"(first at tools[{first}])"
+            )
+        return self
+
+    @property
+    def source(self) -> str | None:
+        """The config file as it was named when loaded, or None when built in code."""
+        return self._source
+
+    def line_of(self, loc: Location) -> int | None:
+        """The 1-based line in the config file of the key at `loc`, if known."""
+        if self._root is None:
+            return None
+        return _locate(self._root, loc)[0]
+
+    def problem(self, loc: Location, message: str) -> ConfigProblem:
+        """A problem found after loading (by the registry, say), placed on the config file."""
+        return ConfigProblem(
+            self._source or "<config>", self.line_of(loc), format_location(loc) or None, message
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(path: Path) -> GatewayConfig:
+    """Read and validate a config file; relative paths in it are taken from its directory."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError.at(source, None, None, "no such config file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError.at(source, None, None, f"not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError.at(source, None, None, f"cannot read: {reason}") from None
+    return parse_config(text, source, path.parent)
+
+
+def parse_config(text: str, source: str, base_dir: Path) -> GatewayConfig:
+    """Validate config text. `source` names it in errors; `base_dir` anchors relative paths."""
+    root, data = _compose(text, source)
+    problems = []
+    tools = data.get("tools")
+    if isinstance(tools, list):
+        names = [t.get("name") if isinstance(t, dict) else None for t in tools]
+        for first, repeat in duplicate_names(names):
+            line = _locate(root, ("tools", first, "name"))[0]
+            problems.append(
+                _problem(
+                    root,
+                    source,
+                    ("tools", repeat, "name"),
+                    f"{names[repeat]!r} is defined twice (first at line {line})",
+                )
+            )
+    if problems:
+        raise ConfigError(problems)
+    try:
+        config = GatewayConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, root, source)) from None
+    config._source = source
+    config._root = root
+    return config
+
+
+def _compose(text: str, source: str) -> tuple[yaml.Node, dict[Any, Any]]:
+    """Parse once: the node tree (for line numbers) and the Python data built from it."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            raise ConfigError.at(source, 1, None, "the file is empty: it must be a mapping")
+        if not isinstance(root, yaml.MappingNode):
+            what = "a list" if isinstance(root, yaml.SequenceNode) else "a single value"
+            raise ConfigError.at(
+                source, _line(root), None, f"the top level must be a mapping of keys, not {what}"
+            )
+        # Before constructing: construction flattens `<<:` merges into the nodes, which would
+        # make a merged key and its override look like duplicates.
+        duplicates = _duplicate_keys(root, source)
+        if duplicates:
+            raise ConfigError(duplicates)
+        data = loader.construct_document(root)
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError.at(source, *_yaml_problem(exc)) from None
+    except yaml.YAMLError as exc:  # reader errors (bad bytes) carry no mark
+        raise ConfigError.at(source, None, None, f"not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+    return root, data
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> tuple[int | None, None, str]:
+    """(line, key, message) for a YAML syntax error: where it was noticed, and what was open."""
+    mark = exc.problem_mark or exc.context_mark
+    message = f"not valid YAML: {exc.problem or exc.context or 'syntax error'}"
+    if exc.problem and exc.context:
+        message += f" ({exc.context}"
+        if exc.context_mark is not None and exc.context_mark is not mark:
+            message += f" at line {exc.context_mark.line + 1}"
+        message += ")"
+    return (mark.line + 1 if mark is not None else None), None, message
+
+
+def _line(node: yaml.Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _duplicate_keys(root: yaml.Node, source: str) -> list[ConfigProblem]:
+    """PyYAML keeps the last of two equal keys without a word; refuse them instead."""
+    problems: list[ConfigProblem] = []
+    # Aliases share nodes (and `&a [*a]` is a cycle): look at each node once.
+    visited: set[int] = set()
+
+    def walk(node: yaml.Node, loc: Location) -> None:
+        if id(node) in visited:
+            return
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                    if key.value in seen:
+                        problems.append(
+                            ConfigProblem(
+                                source,
+                                _line(key),
+                                format_location((*loc, key.value)),
+                                f"duplicate key (first at line {seen[key.value]})",
+                            )
+                        )
+                    else:
+                        seen[key.value] = _line(key)
+                walk(value, (*loc, key.value) if isinstance(key, yaml.ScalarNode) else loc)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                walk(item, (*loc, index))
+
+    walk(root, ())
+    return problems
+
+
+def _lookup(node: yaml.MappingNode, key: str | int) -> tuple[yaml.Node, yaml.Node] | None:
+    # Construction has flattened `<<:` merges into the mapping, merged keys first: the last
+    # match is the value that was used.
+    found = None
+    for key_node, value_node in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.value == str(key):
+            found = key_node, value_node
+    return found
+
+
+def _locate(root: yaml.Node, loc: Location) -> tuple[int, bool]:
+    """The line of the deepest node on `loc`, and whether all of `loc` was found.
+
+    A key's line is the line of the key itself; when the key is missing, the line of the
+    mapping that should hold it (the line of its own key, or of its `-` list item).
+    """
+    node: yaml.Node | None = root
+    line = _line(root)
+    for part in loc:
+        if isinstance(node, yaml.MappingNode) and (found := _lookup(node, part)):
+            line, node = _line(found[0]), found[1]
+        elif (
+            isinstance(node, yaml.SequenceNode)
+            and isinstance(part, int)
+            and 0 <= part < len(node.value)
+        ):
+            node = node.value[part]
+            line = _line(node)
+        else:
+            return line, False
+    return line, True
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip `Annotated[...]` and `X | None`."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            members = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(members) != 1:
+                return tp
+            tp = members[0]
+        else:
+            return tp
+
+
+def _union_member(tp: Any, tag: str) -> type[BaseModel] | None:
+    """The member of a tagged union whose `kind` is `tag` (pydantic puts the tag in `loc`)."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return None
+    for member in typing.get_args(tp):
+        model = _unwrap(member)
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            kind = model.model_fields.get("kind")
+            if kind is not None and tag in typing.get_args(kind.annotation):
+                return model
+    return None
+
+
+def _model_path(loc: Location) -> tuple[Location, type[BaseModel] | None]:
+    """Follow `loc` through the model types: the location as the file spells it (without the
+    tags pydantic adds for tagged unions), and the model that holds the last key."""
+    tp: Any = GatewayConfig
+    clean: list[str | int] = []
+    parent: type[BaseModel] | None = None
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(part, str) and (member := _union_member(tp, part)) is not None:
+            tp = member
+            continue
+        clean.append(part)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            parent = tp
+            field = tp.model_fields.get(str(part))
+            tp = field.annotation if field is not None else None
+        else:
+            parent = None
+            args = typing.get_args(tp)
+            tp = args[-1] if args else None
+    return tuple(clean), parent
+
+
+def _suggest(word: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _explain(exc: ValidationError, root: yaml.Node, source: str) -> list[ConfigProblem]:
+    problems = []
+    for error in exc.errors():
+        loc, parent = _model_path(tuple(error["loc"]))
+        kind, value = error["type"], error.get("input")
+        if kind == "extra_forbidden":
+            fields = list(parent.model_fields) if parent else []
+            message = "unknown key" + _suggest(str(loc[-1]), fields)
+        elif kind == "missing":
+            message = "required key is missing"
+        elif kind == "union_tag_invalid" and isinstance(value, dict):
+            loc = (*loc, "kind")
+            tags = [t.strip("'") for t in error.get("ctx", {}).get("expected_tags", "").split(", ")]
+            message = f"unknown kind {value.get('kind')!r}; known kinds: {', '.join(tags)}"
+            message += _suggest(str(value.get("kind")), tags)
+        elif kind == "union_tag_not_found":
+            message = "must be a mapping with a `kind` key"
+        elif kind == "value_error":
+            message = error["msg"].removeprefix("Value error, ")
+        else:
+            message = error["msg"][:1].lower() + error["msg"][1:]
+            if isinstance(value, str | int | float | bool) or value is None:
+                message += f" (got {value!r})"
+        problems.append(_problem(root, source, loc, message))
+    problems.sort(key=lambda p: p.line or 0)
+    return problems
+
+
+def _problem(root: yaml.Node, source: str, loc: Location, message: str) -> ConfigProblem:
+    line, _ = _locate(root, loc)
+    return ConfigProblem(source, line, format_location(loc) or None, message)

@@ -1,0 +1,435 @@
+"""The one path every call takes, whatever front door it came through.
+
+    authenticate (front door)  ->  Dispatcher.submit: known tool? policy decision, argument
+    validation, admission, then the workflow `duragate.call` under a random or idempotent id
+    ->  Dispatcher.wait / get / cancel / list: the workflow instance *is* the task.
+
+Front doors translate to and from `CallRequest` / `CallView`; they never talk to adapters and
+keep no task state of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+import grpc
+from google.protobuf import wrappers_pb2
+
+from gateway.runtime import DurableRuntime
+from gateway.sidecar.protos import pb, workflow_grpc
+from gateway.workflow import WORKFLOW_NAME, failure
+from identity.principal import Principal
+
+log = logging.getLogger(__name__)
+
+CALL_VERSION = 1
+TERMINAL_STATUSES = {"COMPLETED", "FAILED", "TERMINATED", "CANCELED"}
+
+
+class DispatchError(Exception):
+    """A call refused before it ran, or a task that cannot be shown. `code` is one of:
+    unknown_tool, invalid_arguments, idempotency_conflict, denied, not_found, unavailable."""
+
+    def __init__(self, code: str, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class CallState(StrEnum):
+    WORKING = "working"
+    INPUT_REQUIRED = "input_required"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class CallRequest:
+    tool: str
+    arguments: dict[str, Any]
+    principal: Principal
+    front_door: str
+    idempotency_key: str | None = None
+    trace_context: dict[str, str] | None = None
+
+
+@dataclass
+class CallView:
+    """A call as front doors show it: the state of its workflow instance."""
+
+    task_id: str
+    tool: str
+    state: CallState
+    created_at: datetime
+    updated_at: datetime
+    message: str | None = None
+    progress: float | None = None
+    total: float | None = None
+    result: Any = None
+    error: dict[str, Any] | None = None
+    replayed: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in (CallState.COMPLETED, CallState.FAILED, CallState.CANCELLED)
+
+
+# --- seams: where identity, policy and audit plug in ------------------------------------
+
+
+class Policy(Protocol):
+    """Decides, before anything is scheduled, whether a principal may list or call a tool."""
+
+    def may_list(self, principal: Principal, tool: str) -> bool: ...
+
+    def check_call(self, principal: Principal, tool: str, arguments: dict[str, Any]) -> None:
+        """Raise DispatchError("denied", ...) to refuse."""
+
+
+class AllowConfiguredTools:
+    """Until tenant policies exist: every configured tool may be listed and called by any
+    authenticated caller (whom the front door has already let in)."""
+
+    def may_list(self, principal: Principal, tool: str) -> bool:
+        return True
+
+    def check_call(self, principal: Principal, tool: str, arguments: dict[str, Any]) -> None:
+        return None
+
+
+class Audit(Protocol):
+    def record(
+        self, event: str, principal: Principal, tool: str | None, **details: Any
+    ) -> None: ...
+
+
+class LogAudit:
+    """Decisions to the log until the audit log exists; never the arguments themselves."""
+
+    def record(self, event: str, principal: Principal, tool: str | None, **details: Any) -> None:
+        log.info(
+            "audit %s tool=%s principal=%s tenant=%s %s",
+            event,
+            tool,
+            principal.id,
+            principal.tenant,
+            " ".join(f"{k}={v}" for k, v in details.items()),
+        )
+
+
+class ToolRegistry(Protocol):
+    def get(self, name: str) -> Any: ...
+
+    def specs(self) -> list[Any]: ...
+
+    def validate_arguments(self, name: str, arguments: dict[str, Any]) -> None: ...
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def arguments_hash(arguments: dict[str, Any]) -> str:
+    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def idempotent_task_id(principal: Principal, tool: str, key: str) -> str:
+    digest = hashlib.sha256("\0".join([principal.tenant, tool, key]).encode()).hexdigest()
+    return f"idem-{digest[:40]}"
+
+
+def _as_datetime(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return datetime.now(UTC)
+
+
+def _custom_status(raw: str | None) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+        return data if isinstance(data, dict) else {"message": str(data)}
+    except ValueError:
+        return {"message": raw}
+
+
+# --- the dispatcher -----------------------------------------------------------------------
+
+
+@dataclass
+class Dispatcher:
+    registry: ToolRegistry
+    runtime: DurableRuntime
+    policy: Policy = field(default_factory=AllowConfiguredTools)
+    audit: Audit = field(default_factory=LogAudit)
+    status_interval: float = 1.0
+
+    def tools_for(self, principal: Principal) -> list[Any]:
+        """The tools this principal may see (list time)."""
+        return [s for s in self.registry.specs() if self.policy.may_list(principal, s.name)]
+
+    async def submit(self, req: CallRequest) -> CallView:
+        """Validate, decide and schedule a call; returns at once with its task."""
+        tool = self.registry.get(req.tool)
+        if tool is None or not self.policy.may_list(req.principal, req.tool):
+            self.audit.record("refused", req.principal, req.tool, reason="unknown_tool")
+            raise DispatchError("unknown_tool", f"unknown tool {req.tool!r}")
+        try:
+            self.policy.check_call(req.principal, req.tool, req.arguments)
+        except DispatchError as exc:
+            self.audit.record("denied", req.principal, req.tool, reason=exc.message)
+            raise
+        self._validate(req)
+        spec = tool.spec
+        digest = arguments_hash(req.arguments)
+        call = {
+            "v": CALL_VERSION,
+            "tool": req.tool,
+            "arguments": req.arguments,
+            "arguments_hash": digest,
+            "principal": req.principal.to_json(),
+            "front_door": req.front_door,
+            "timeout_seconds": spec.timeout_seconds,
+            "retry": spec.retry.model_dump() if hasattr(spec.retry, "model_dump") else spec.retry,
+            "trace": req.trace_context or {},
+        }
+        if req.idempotency_key:
+            task_id = idempotent_task_id(req.principal, req.tool, req.idempotency_key)
+            replay = await self._start_idempotent(task_id, call, digest)
+            if replay is not None:
+                self.audit.record("replayed", req.principal, req.tool, task=task_id)
+                return replay
+        else:
+            task_id = secrets.token_hex(16)  # unguessable: the task id is a capability
+            await self._schedule(task_id, call)
+        self.audit.record("scheduled", req.principal, req.tool, task=task_id)
+        now = datetime.now(UTC)
+        return CallView(task_id, req.tool, CallState.WORKING, now, now, f"running {req.tool}")
+
+    def _validate(self, req: CallRequest) -> None:
+        try:
+            self.registry.validate_arguments(req.tool, req.arguments)
+        except Exception as exc:
+            errors = getattr(exc, "errors", None)
+            if errors is None:
+                raise
+            detail = "; ".join(str(e) for e in errors)
+            data = [
+                {"path": getattr(e, "path", ""), "message": getattr(e, "message", str(e))}
+                for e in errors
+            ]
+            raise DispatchError(
+                "invalid_arguments", f"invalid arguments for {req.tool}: {detail}", data
+            ) from exc
+
+    async def _schedule(self, task_id: str, call: dict[str, Any]) -> None:
+        try:
+            await self.runtime.client.schedule_new_workflow(
+                WORKFLOW_NAME, input=call, instance_id=task_id
+            )
+        except grpc.RpcError as exc:
+            raise DispatchError(
+                "unavailable", f"the workflow engine refused the call: {exc}"
+            ) from exc
+
+    async def _start_idempotent(
+        self, task_id: str, call: dict[str, Any], digest: str
+    ) -> CallView | None:
+        """Start under the derived id unless it exists; if it does, replay it (same arguments)
+        or refuse (different ones). The SDK client cannot ask for a unique id, so this start
+        goes through the protocol stub with enforceUniqueInstanceId: race-free across
+        gateway processes."""
+        async with grpc.aio.insecure_channel(self.runtime.address) as channel:
+            stub = workflow_grpc.TaskHubSidecarServiceStub(channel)
+            request = pb.CreateInstanceRequest(
+                instanceId=task_id,
+                name=WORKFLOW_NAME,
+                input=wrappers_pb2.StringValue(value=json.dumps(call)),
+                enforceUniqueInstanceId=True,
+            )
+            try:
+                await stub.StartInstance(request)
+                return None
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                    raise DispatchError(
+                        "unavailable", f"the workflow engine refused: {exc}"
+                    ) from exc
+        state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
+        if state is None:  # purged between the two calls: start again
+            return await self._start_idempotent(task_id, call, digest)
+        stored = json.loads(state.serialized_input or "{}")
+        if stored.get("arguments_hash") != digest:
+            raise DispatchError(
+                "idempotency_conflict",
+                "this idempotency key was already used for a call with different arguments; "
+                "use a new key for a different call",
+            )
+        view = self._view(task_id, state)
+        view.replayed = True
+        return view
+
+    async def get(self, task_id: str, principal: Principal) -> CallView:
+        state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
+        return self._owned_view(task_id, state, principal)
+
+    def _owned_view(self, task_id: str, state: Any, principal: Principal) -> CallView:
+        if state is None or state.name != WORKFLOW_NAME:
+            raise DispatchError("not_found", f"no task {task_id!r}")
+        call = json.loads(state.serialized_input or "{}")
+        owner = call.get("principal") or {}
+        # A task belongs to its tenant and caller; anyone else is told it does not exist.
+        if owner.get("tenant") != principal.tenant or owner.get("id") != principal.id:
+            raise DispatchError("not_found", f"no task {task_id!r}")
+        return self._view(task_id, state, call)
+
+    @staticmethod
+    def _view(task_id: str, state: Any, call: dict[str, Any] | None = None) -> CallView:
+        call = call if call is not None else json.loads(state.serialized_input or "{}")
+        status = state.runtime_status.name
+        custom = _custom_status(state.serialized_custom_status)
+        view = CallView(
+            task_id=task_id,
+            tool=call.get("tool", ""),
+            state=CallState.WORKING,
+            created_at=_as_datetime(state.created_at),
+            updated_at=_as_datetime(state.last_updated_at),
+            message=custom.get("message"),
+        )
+        if custom.get("state") == "waiting_approval":
+            view.state = CallState.INPUT_REQUIRED
+        if status == "COMPLETED":
+            output = json.loads(state.serialized_output or "null") or {}
+            if output.get("ok"):
+                view.state, view.result = CallState.COMPLETED, output.get("result")
+            else:
+                view.state = CallState.FAILED
+                view.error = output.get("error") or failure("error", "failed")["error"]
+        elif status == "FAILED":
+            details = state.failure_details
+            message = details.message if details is not None else "the workflow failed"
+            view.state, view.error = CallState.FAILED, failure("workflow_failed", message)["error"]
+        elif status in ("TERMINATED", "CANCELED"):
+            view.state = CallState.CANCELLED
+            output = json.loads(state.serialized_output or "null")
+            view.error = (output or {}).get("error") or failure("cancelled", "cancelled")["error"]
+        return view
+
+    async def wait(
+        self,
+        task_id: str,
+        principal: Principal,
+        timeout: float | None,
+        on_update: Callable[[CallView], Awaitable[None]] | None = None,
+    ) -> CallView:
+        """Wait until the task is terminal or `timeout` passes; returns its latest view.
+
+        `on_update` gets a view whenever the tool reports progress (in-process, at once) or the
+        workflow's status message changes (checked every `status_interval` seconds)."""
+        view = await self.get(task_id, principal)
+        if view.terminal:
+            return view
+        client = self.runtime.client
+        completion = asyncio.ensure_future(
+            client.wait_for_workflow_completion(
+                task_id,
+                fetch_payloads=True,
+                timeout_in_seconds=timeout or 0,  # type: ignore[arg-type]
+            )
+        )
+        try:
+            if on_update is None:
+                state = await completion
+            else:
+                state = await self._follow(task_id, principal, view, completion, on_update)
+        except TimeoutError:
+            state = await client.get_workflow_state(task_id, fetch_payloads=True)
+        finally:
+            completion.cancel()
+        return self._owned_view(task_id, state, principal)
+
+    async def _follow(
+        self,
+        task_id: str,
+        principal: Principal,
+        view: CallView,
+        completion: asyncio.Future[Any],
+        on_update: Callable[[CallView], Awaitable[None]],
+    ) -> Any:
+        hub = self.runtime.progress
+        seen = 0
+        message = view.message
+        next_status = time.monotonic() + self.status_interval
+        while not completion.done():
+            change = asyncio.ensure_future(hub.changed(task_id, seen, self.status_interval))
+            await asyncio.wait({completion, change}, return_when=asyncio.FIRST_COMPLETED)
+            if completion.done():
+                change.cancel()
+                break
+            report = change.result()
+            if report is not None:
+                seen = report.seq
+                view.progress, view.total = report.progress, report.total
+                view.message = report.message or view.message
+                await on_update(view)
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + self.status_interval
+                state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
+                fresh = self._owned_view(task_id, state, principal)
+                if fresh.terminal:
+                    return state
+                if fresh.message != message:
+                    message = fresh.message
+                    fresh.progress, fresh.total = view.progress, view.total
+                    await on_update(fresh)
+        return completion.result()
+
+    async def cancel(self, task_id: str, principal: Principal) -> CallView:
+        view = await self.get(task_id, principal)
+        if view.terminal:
+            return view
+        output = failure("cancelled", f"cancelled by {principal.id}")
+        await self.runtime.client.terminate_workflow(task_id, output=output, recursive=True)
+        self.audit.record("cancelled", principal, view.tool, task=task_id)
+        for _ in range(50):
+            view = await self.get(task_id, principal)
+            if view.terminal:
+                break
+            await asyncio.sleep(0.05)
+        return view
+
+    async def list(
+        self, principal: Principal, cursor: str | None = None, limit: int = 50
+    ) -> tuple[list[CallView], str | None]:
+        """The principal's tasks, a page at a time (bounded work per page)."""
+        views: list[CallView] = []
+        token = cursor
+        for _ in range(20):
+            page = await self.runtime.client.list_workflow_instance_ids(
+                page_size=100, continuation_token=token
+            )
+            for task_id in page.instance_ids:
+                state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
+                try:
+                    views.append(self._owned_view(task_id, state, principal))
+                except DispatchError:
+                    continue
+                if len(views) >= limit:
+                    return views, task_id
+            token = page.continuation_token
+            if not token:
+                return views, None
+        return views, token

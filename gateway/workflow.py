@@ -1,0 +1,137 @@
+"""The durable workflow every call runs as (`duragate.call`) and the activity that runs a tool.
+
+Workflow code is deterministic: no clocks, randomness or I/O here, only what the context offers.
+The workflow's input is the call (see `dispatch.CallInput`); its output is
+`{"ok": true, "result": ...}` or `{"ok": false, "error": {"type", "message", "data"}}`; its custom
+status is `{"state": ..., "message": ...}`, which front doors turn into progress.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Generator
+from datetime import timedelta
+from typing import Any
+
+import dapr.ext.workflow as wf
+
+from adapters.base import ToolContext, ToolError
+from gateway.progress import ProgressHub
+
+WORKFLOW_NAME = "duragate.call"
+ACTIVITY_NAME = "duragate.tool"
+
+
+class NonRetryableError(Exception):
+    """The SDK skips retries for a failure whose error type has this name; the message carries
+    the structured error as JSON."""
+
+
+def _status(state: str, message: str) -> str:
+    return json.dumps({"state": state, "message": message})
+
+
+def failure(kind: str, message: str, data: Any = None) -> dict[str, Any]:
+    return {"ok": False, "error": {"type": kind, "message": message, "data": data}}
+
+
+def _decode_failure(details: Any) -> dict[str, Any]:
+    """A TaskFailedError's details as the call's structured error."""
+    if details.error_type == NonRetryableError.__name__:
+        try:
+            error = json.loads(details.message)
+            return {"ok": False, "error": error}
+        except (ValueError, TypeError):
+            pass
+    return failure(details.error_type or "error", details.message)
+
+
+def call_workflow(ctx: wf.DaprWorkflowContext, call: dict[str, Any]) -> Generator[Any, Any, Any]:
+    tool = call["tool"]
+    # Seam for approvals (policy): a call whose decision requires approval waits here for the
+    # "approval" event, bound to the arguments' hash, or for its expiry.
+    ctx.set_custom_status(_status("running", f"running {tool}"))
+    retry = call.get("retry") or {}
+    attempts = int(retry.get("max_attempts", 1))
+    policy = None
+    if attempts > 1:
+        policy = wf.RetryPolicy(
+            first_retry_interval=timedelta(seconds=float(retry.get("first_interval_seconds", 1))),
+            max_number_of_attempts=attempts,
+            backoff_coefficient=float(retry.get("backoff_coefficient", 2.0)),
+            max_retry_interval=timedelta(seconds=float(retry.get("max_interval_seconds", 60))),
+        )
+    activity: Any = ctx.call_activity(
+        ACTIVITY_NAME,
+        input={"tool": tool, "arguments": call["arguments"], "principal": call["principal"]},
+        retry_policy=policy,
+    )
+    timeout = float(call["timeout_seconds"])
+    timer = ctx.create_timer(timedelta(seconds=timeout))
+    winner = yield wf.when_any([activity, timer])
+    if winner is timer:
+        ctx.set_custom_status(_status("failed", f"{tool} timed out"))
+        return failure("timeout", f"{tool} did not finish within {timeout:g} s")
+    try:
+        result = activity.get_result()
+    except Exception as exc:  # TaskFailedError: the tool failed, after its retries
+        details = getattr(exc, "details", None)
+        ctx.set_custom_status(_status("failed", f"{tool} failed"))
+        if details is None:
+            return failure("error", str(exc))
+        return _decode_failure(details)
+    ctx.set_custom_status(_status("completed", f"{tool} completed"))
+    return {"ok": True, "result": result}
+
+
+def make_tool_activity(lookup: Callable[[str], Any], hub: ProgressHub) -> Callable[..., Any]:
+    """The activity that runs one tool; `lookup(name)` returns its prepared tool or None, and
+    what the tool reports as progress goes to `hub`."""
+    # Runs of each task execution seen by this process: the attempt number tools are given
+    # (a retry in another process, or after a restart, starts counting again).
+    attempts: OrderedDict[str, int] = OrderedDict()
+
+    async def duragate_tool(ctx: wf.WorkflowActivityContext, inp: dict[str, Any]) -> Any:
+        name = inp["tool"]
+        tool = lookup(name)
+        if tool is None:
+            raise NonRetryableError(
+                json.dumps(
+                    {
+                        "type": "unknown_tool",
+                        "message": f"tool {name!r} is not configured on this worker",
+                        "data": None,
+                    }
+                )
+            )
+        execution_id = getattr(ctx.get_inner_context(), "task_execution_id", "")
+        attempt = attempts.pop(execution_id, 0) + 1
+        attempts[execution_id] = attempt
+        if len(attempts) > 10_000:
+            attempts.popitem(last=False)
+        context = ToolContext(
+            instance_id=ctx.workflow_id,
+            task_execution_id=execution_id,
+            attempt=attempt,
+            report_progress=hub.reporter(ctx.workflow_id),
+        )
+        try:
+            return await tool.invoke(inp["arguments"], context)
+        except ToolError as exc:
+            payload = {"type": "tool_error", "message": exc.message, "data": exc.data}
+            raise NonRetryableError(json.dumps(payload, default=str)) from exc
+
+    return duragate_tool
+
+
+def register(runtime: wf.WorkflowRuntime, lookup: Callable[[str], Any], hub: ProgressHub) -> None:
+    # A fresh function per runtime: the SDK marks a registered function and refuses it in a
+    # second runtime of the same process (tests, a reloaded gateway).
+    def duragate_call(
+        ctx: wf.DaprWorkflowContext, call: dict[str, Any]
+    ) -> Generator[Any, Any, Any]:
+        return (yield from call_workflow(ctx, call))
+
+    runtime.register_workflow(duragate_call, name=WORKFLOW_NAME)
+    runtime.register_activity(make_tool_activity(lookup, hub), name=ACTIVITY_NAME)

@@ -1,0 +1,197 @@
+"""The one dispatch path, end to end on the embedded engine: validate, decide, schedule, wait."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import parse_config
+from gateway.dispatch import CallRequest, CallState, CallView, Dispatcher, DispatchError
+from gateway.registry import Registry
+from gateway.runtime import DurableRuntime
+from identity.principal import ANONYMOUS, Principal
+
+CONFIG = """
+identity:
+  allow_anonymous: true
+engine:
+  kind: embedded
+tools:
+  - name: add
+    kind: python
+    target: examples.tools:add
+    timeout_seconds: 10
+  - name: slow_echo
+    kind: python
+    target: examples.tools:slow_echo
+    timeout_seconds: 30
+  - name: short_fuse
+    kind: python
+    target: examples.tools:slow_echo
+    timeout_seconds: 0.5
+  - name: flaky
+    kind: python
+    target: examples.tools:flaky
+    timeout_seconds: 10
+    retry:
+      max_attempts: 3
+      first_interval_seconds: 0.05
+  - name: fail
+    kind: python
+    target: examples.tools:fail
+    timeout_seconds: 10
+    retry:
+      max_attempts: 3
+      first_interval_seconds: 0.05
+"""
+
+OTHER = Principal(id="spiffe://example.org/agents/other", tenant="default", via="test")
+
+
+class DenyFail:
+    """A policy that refuses the `fail` tool: the seam policies plug into."""
+
+    def may_list(self, principal: Principal, tool: str) -> bool:
+        return True
+
+    def check_call(self, principal: Principal, tool: str, arguments: dict[str, Any]) -> None:
+        if tool == "fail":
+            raise DispatchError("denied", "policy: fail is not allowed")
+
+
+@pytest.fixture
+async def dispatcher(tmp_path: Path) -> AsyncIterator[Dispatcher]:
+    config = parse_config(CONFIG, "test.yaml", tmp_path)
+    registry = Registry.from_config(config)
+    runtime = DurableRuntime(config.engine, tmp_path / "engine.db", registry.get)
+    await runtime.start()
+    try:
+        yield Dispatcher(registry, runtime)
+    finally:
+        await runtime.stop()
+
+
+async def call(d: Dispatcher, tool: str, args: dict[str, Any], **kw: Any) -> CallView:
+    view = await d.submit(CallRequest(tool, args, ANONYMOUS, "test", **kw))
+    return await d.wait(view.task_id, ANONYMOUS, 30)
+
+
+async def test_call_completes_with_its_result(dispatcher: Dispatcher) -> None:
+    view = await call(dispatcher, "add", {"a": 2, "b": 3})
+    assert view.state == CallState.COMPLETED
+    assert view.result == {"result": 5}  # non-object results are wrapped (MCP wants objects)
+    assert len(view.task_id) == 32  # random, 128 bits
+
+
+async def test_refusals_before_anything_is_scheduled(dispatcher: Dispatcher) -> None:
+    with pytest.raises(DispatchError) as info:
+        await dispatcher.submit(CallRequest("nope", {}, ANONYMOUS, "test"))
+    assert info.value.code == "unknown_tool"
+    with pytest.raises(DispatchError) as info:
+        await dispatcher.submit(CallRequest("add", {"a": "x"}, ANONYMOUS, "test"))
+    assert info.value.code == "invalid_arguments"
+    assert "a" in info.value.message and "b" in info.value.message
+    listed = await dispatcher.runtime.client.list_workflow_instance_ids()
+    assert listed.instance_ids == []
+
+
+async def test_policy_seam_denies_before_scheduling(dispatcher: Dispatcher) -> None:
+    dispatcher.policy = DenyFail()
+    with pytest.raises(DispatchError) as info:
+        await dispatcher.submit(CallRequest("fail", {"message": "x"}, ANONYMOUS, "test"))
+    assert info.value.code == "denied"
+    listed = await dispatcher.runtime.client.list_workflow_instance_ids()
+    assert listed.instance_ids == []
+
+
+async def test_tool_error_is_not_retried(dispatcher: Dispatcher) -> None:
+    view = await call(dispatcher, "fail", {"message": "it broke"})
+    assert view.state == CallState.FAILED
+    assert view.error is not None and view.error["type"] == "tool_error"
+    assert view.error["message"] == "it broke"
+    history = await dispatcher.runtime.client.get_workflow_history(view.task_id)
+    assert [e.event_type.value for e in history].count("taskFailed") == 1
+
+
+async def test_retry_succeeds_on_third_attempt(dispatcher: Dispatcher) -> None:
+    key = uuid.uuid4().hex
+    view = await call(dispatcher, "flaky", {"key": key, "failures": 2})
+    assert view.state == CallState.COMPLETED, view.error
+    history = await dispatcher.runtime.client.get_workflow_history(view.task_id)
+    assert [e.event_type.value for e in history].count("taskFailed") == 2
+
+
+async def test_timeout_fails_the_call(dispatcher: Dispatcher) -> None:
+    view = await call(dispatcher, "short_fuse", {"text": "x", "seconds": 5})
+    assert view.state == CallState.FAILED
+    assert view.error is not None and view.error["type"] == "timeout"
+
+
+async def test_idempotent_replay_and_conflict(dispatcher: Dispatcher) -> None:
+    first = await call(dispatcher, "add", {"a": 1, "b": 1}, idempotency_key="k-1")
+    again = await dispatcher.submit(
+        CallRequest("add", {"a": 1, "b": 1}, ANONYMOUS, "test", idempotency_key="k-1")
+    )
+    assert again.task_id == first.task_id and again.replayed and again.result == {"result": 2}
+    with pytest.raises(DispatchError) as info:
+        await dispatcher.submit(
+            CallRequest("add", {"a": 1, "b": 2}, ANONYMOUS, "test", idempotency_key="k-1")
+        )
+    assert info.value.code == "idempotency_conflict"
+
+
+async def test_cancel_terminates_the_workflow(dispatcher: Dispatcher) -> None:
+    view = await dispatcher.submit(
+        CallRequest("slow_echo", {"text": "hi", "seconds": 20}, ANONYMOUS, "test")
+    )
+    cancelled = await dispatcher.cancel(view.task_id, ANONYMOUS)
+    assert cancelled.state == CallState.CANCELLED
+    state = await dispatcher.runtime.client.get_workflow_state(view.task_id)
+    assert state is not None and state.runtime_status.name == "TERMINATED"
+
+
+async def test_tasks_are_visible_to_their_owner_only(dispatcher: Dispatcher) -> None:
+    view = await call(dispatcher, "add", {"a": 1, "b": 2})
+    with pytest.raises(DispatchError) as info:
+        await dispatcher.get(view.task_id, OTHER)
+    assert info.value.code == "not_found"
+    with pytest.raises(DispatchError):
+        await dispatcher.cancel(view.task_id, OTHER)
+    mine, _ = await dispatcher.list(ANONYMOUS)
+    theirs, _ = await dispatcher.list(OTHER)
+    assert view.task_id in {v.task_id for v in mine} and theirs == []
+
+
+async def test_progress_reaches_the_waiting_front_door(dispatcher: Dispatcher) -> None:
+    updates: list[CallView] = []
+
+    async def on_update(view: CallView) -> None:
+        updates.append(CallView(**vars(view)))
+
+    view = await dispatcher.submit(
+        CallRequest("slow_echo", {"text": "hi", "seconds": 0.6}, ANONYMOUS, "test")
+    )
+    done = await dispatcher.wait(view.task_id, ANONYMOUS, 30, on_update)
+    assert done.state == CallState.COMPLETED
+    progress = [u.progress for u in updates if u.progress is not None]
+    assert len(progress) >= 3 and progress == sorted(progress)
+
+
+async def test_wait_with_a_bound_returns_a_running_view(dispatcher: Dispatcher) -> None:
+    view = await dispatcher.submit(
+        CallRequest("slow_echo", {"text": "hi", "seconds": 3}, ANONYMOUS, "test")
+    )
+    early = await dispatcher.wait(view.task_id, ANONYMOUS, 0.3)
+    assert early.state == CallState.WORKING
+    done = await dispatcher.wait(view.task_id, ANONYMOUS, 30)
+    assert done.state == CallState.COMPLETED
+
+
+async def test_many_concurrent_calls(dispatcher: Dispatcher) -> None:
+    views = await asyncio.gather(*(call(dispatcher, "add", {"a": i, "b": 1}) for i in range(40)))
+    assert [v.result["result"] for v in views] == [i + 1 for i in range(40)]
