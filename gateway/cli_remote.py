@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import json
+import logging
 from collections.abc import Coroutine
 from typing import Annotated, Any, TypeVar
 

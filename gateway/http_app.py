@@ -1,0 +1,194 @@
+"""The gateway's HTTP application (Starlette): the MCP endpoint and the health probes.
+
+    /mcp       MCP Streamable HTTP (stateful sessions, SSE responses so progress flows)
+    /healthz   200 while the process is up
+    /readyz    200 when the workflow engine answers, 503 otherwise
+
+Every request body above `limits.max_body_bytes` is refused with 413 before it is parsed.
+When the gateway listens on loopback, `/mcp` checks `Host` and `Origin` against loopback names
+(DNS-rebinding protection, the SDK's `TransportSecuritySettings`): a bad Host gets 421, a bad
+Origin 403 (as the 2025-11-25 transport spec asks).
+
+Authentication is a seam: until identity exists, `identity.allow_anonymous: true` makes every
+caller `ANONYMOUS`; otherwise every MCP request is refused with 401.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.config import GatewayConfig
+from gateway.mcp_front import PRINCIPAL_SCOPE_KEY, McpFront
+from identity.principal import ANONYMOUS
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+class ReadyProbe(Protocol):
+    async def ready(self) -> bool: ...
+
+
+class HttpHost(Protocol):
+    """What the HTTP app needs of the gateway (read per request: a reload shows)."""
+
+    @property
+    def config(self) -> GatewayConfig: ...
+
+    @property
+    def runtime(self) -> ReadyProbe: ...
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def transport_security(listen_host: str) -> TransportSecuritySettings:
+    """DNS-rebinding protection on loopback; off (nothing to protect against) elsewhere."""
+    if not is_loopback(listen_host):
+        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    hosts = [h for name in LOOPBACK_NAMES for h in (name, f"{name}:*")]
+    origins = [
+        f"{scheme}://{name}{port}"
+        for name in LOOPBACK_NAMES
+        for scheme in ("http", "https")
+        for port in ("", ":*")
+    ]
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins
+    )
+
+
+def _json_error(status: int, error: str, message: str, **headers: str) -> Response:
+    return JSONResponse({"error": error, "message": message}, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """Refuse request bodies above `limit` bytes with 413 and a JSON explanation; the body is
+    counted as it arrives, so a missing or false Content-Length does not get around it."""
+
+    def __init__(self, app: ASGIApp, limit: Callable[[], int]) -> None:
+        self.app = app
+        self.limit = limit  # read per request, so a config reload changes it
+
+    def _too_large(self) -> Response:
+        limit = self.limit()
+        return _json_error(
+            413,
+            "request_too_large",
+            f"the request body is larger than the gateway accepts ({limit} bytes; "
+            "limits.max_body_bytes)",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit()
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._too_large()(scope, receive, send)
+            return
+        body = bytearray()
+        pending: deque[Message] = deque()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                pending.append(message)
+                break
+            body.extend(message.get("body", b""))
+            if len(body) > limit:
+                await self._too_large()(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        pending.appendleft({"type": "http.request", "body": bytes(body), "more_body": False})
+
+        async def replay() -> Message:
+            return pending.popleft() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+
+class McpEndpoint:
+    """`/mcp`: authenticate (the seam), then hand over to the SDK's session manager.
+    An ASGI callable instance, so that Starlette's `Route` serves it as an app at `/mcp`
+    exactly (a `Mount` would redirect `/mcp` to `/mcp/`)."""
+
+    def __init__(self, host: HttpHost, manager: StreamableHTTPSessionManager) -> None:
+        self.host = host
+        self.manager = manager
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.host.config.identity.allow_anonymous:
+            response = _json_error(
+                401,
+                "unauthenticated",
+                "authentication is not configured on this gateway and anonymous callers are "
+                "refused (identity.allow_anonymous is false)",
+                **{"WWW-Authenticate": 'Bearer realm="duragate"'},
+            )
+            await response(scope, receive, send)
+            return
+        scope[PRINCIPAL_SCOPE_KEY] = ANONYMOUS
+        await self.manager.handle_request(scope, receive, send)
+
+
+def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
+    """The ASGI app of one gateway. `front` is the MCP server for this transport."""
+    manager = StreamableHTTPSessionManager(
+        app=front.server,
+        json_response=False,
+        stateless=False,
+        security_settings=transport_security(listen_host),
+        # BodyLimit (below) enforces limits.max_body_bytes, which a reload may raise; the
+        # manager's own limit must not be the lower one.
+        max_request_body_size=1 << 30,
+    )
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if await host.runtime.ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse(
+            {"status": "not ready", "message": "the workflow engine does not answer"},
+            status_code=503,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with manager.run():
+            yield
+
+    app = Starlette(
+        routes=[
+            Route("/mcp", McpEndpoint(host, manager)),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit, limit=lambda: host.config.limits.max_body_bytes)
+    return app

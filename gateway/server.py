@@ -1,0 +1,260 @@
+"""The gateway assembled: registry, durable runtime, dispatcher, and the front doors.
+
+    gateway = Gateway(config, data_dir)
+    await gateway.start()          # all or nothing
+    ...                            # gateway.dispatcher, gateway.reload(new_config)
+    await gateway.stop()
+
+    await serve(config, data_dir)          # MCP over Streamable HTTP, until cancelled
+    await serve_stdio(config, data_dir)    # MCP over stdio, until stdin closes
+
+`serve` leaves SIGINT/SIGTERM to its caller (cancel the task to stop it) and reloads the config
+file on SIGHUP: a config that does not load is logged and the running one kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from adapters.base import PreparedTool
+from gateway import paths
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.dispatch import Dispatcher
+from gateway.http_app import build_app
+from gateway.mcp_front import LiveSessions, McpFront
+from gateway.registry import Registry
+from gateway.runtime import DurableRuntime
+from gateway.stdio import local_principal, protocol_stdout, run_stdio
+
+log = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_SECONDS = 3.0
+
+
+class GatewayStartError(RuntimeError):
+    """The gateway could not start; nothing it had started is left running."""
+
+
+class Gateway:
+    """One gateway process: its tools, its workflow engine and its dispatch path."""
+
+    def __init__(self, config: GatewayConfig, data_dir: Path) -> None:
+        self._config = config
+        self.data_dir = data_dir
+        self.sessions = LiveSessions()
+        self._registry: Registry | None = None
+        self._runtime: DurableRuntime | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._reload_lock = asyncio.Lock()
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self._config
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            raise RuntimeError("the gateway is not started")
+        return self._registry
+
+    @property
+    def runtime(self) -> DurableRuntime:
+        if self._runtime is None:
+            raise RuntimeError("the gateway is not started")
+        return self._runtime
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        if self._dispatcher is None:
+            raise RuntimeError("the gateway is not started")
+        return self._dispatcher
+
+    def _lookup(self, name: str) -> PreparedTool | None:
+        # Read through self, so a reloaded registry serves the activities too.
+        return self._registry.get(name) if self._registry is not None else None
+
+    async def start(self) -> None:
+        """Load every tool, then start the engine. Raises `ConfigError` for a tool that does
+        not load (nothing started yet) and `GatewayStartError` if the engine does not start
+        (whatever had started is stopped)."""
+        registry = await asyncio.to_thread(Registry.from_config, self._config)
+        try:
+            paths.ensure_data_dir(self.data_dir)
+        except paths.DataDirError as exc:
+            raise GatewayStartError(str(exc)) from None
+        runtime = DurableRuntime(
+            self._config.engine, paths.engine_db_path(self.data_dir), self._lookup
+        )
+        self._registry = registry
+        try:
+            await runtime.start()  # stops what it started if it fails
+        except Exception as exc:
+            self._registry = None
+            kind = self._config.engine.kind
+            raise GatewayStartError(f"the workflow engine ({kind}) did not start: {exc}") from exc
+        self._runtime = runtime
+        self._dispatcher = Dispatcher(registry, runtime)
+        log.info("gateway started: %d tool(s), data in %s", len(registry), self.data_dir)
+
+    async def stop(self) -> None:
+        runtime, self._runtime = self._runtime, None
+        self._dispatcher = None
+        if runtime is not None:
+            await runtime.stop()
+
+    async def reload(self, config: GatewayConfig) -> None:
+        """Swap in the tools (and limits, identity settings) of `config` and tell every live
+        MCP session that the tool list changed. Raises (keeping the running config) if a tool
+        does not load. Listen address, engine and data directory need a restart."""
+        async with self._reload_lock:
+            registry = await asyncio.to_thread(Registry.from_config, config)
+            old = self._config
+            for key in ("listen", "engine", "data_dir"):
+                if getattr(old, key) != getattr(config, key):
+                    log.warning("config reload: %r changed; it takes effect at restart", key)
+            self._config = config
+            self._registry = registry
+            if self._dispatcher is not None:
+                self._dispatcher.registry = registry
+            sent = await self.sessions.notify_tools_changed()
+            log.info("config reloaded: %d tool(s); %d session(s) notified", len(registry), sent)
+
+    async def reload_file(self, path: Path) -> bool:
+        """Reload from `path`; a config that does not load is logged and the running one kept."""
+        try:
+            config = await asyncio.to_thread(load_config, path)
+            await self.reload(config)
+        except ConfigError as exc:
+            log.error("config reload failed; keeping the running config:\n%s", exc)
+            return False
+        except Exception:
+            log.exception("config reload failed; keeping the running config")
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _reload_on_sighup(gateway: Gateway, config: GatewayConfig) -> Iterator[None]:
+    source = config.source
+    if source is None:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[bool]] = set()
+
+    def on_sighup() -> None:
+        log.info("SIGHUP: reloading %s", source)
+        task = loop.create_task(gateway.reload_file(Path(source)))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    except (NotImplementedError, RuntimeError):  # not the main thread, or no signals
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before anything starts, so a busy port fails fast and clearly."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    try:
+        sock = socket.create_server((host.strip("[]"), port), family=family)
+    except OSError as exc:
+        raise GatewayStartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the caller owns SIGINT/SIGTERM and stops
+    `serve` by cancelling it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(
+    config: GatewayConfig,
+    data_dir: Path,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    on_ready: Callable[[str], Any] | None = None,
+) -> None:
+    """Run the gateway with MCP over Streamable HTTP until cancelled. `on_ready(url)` is called
+    with the MCP endpoint's URL once it accepts requests (useful with port 0)."""
+    host = host or config.listen.host
+    port = config.listen.port if port is None else port
+    sock = _listen(host, port)
+    gateway = Gateway(config, data_dir)
+    try:
+        await gateway.start()
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        front = McpFront(gateway, gateway.sessions, front_door="mcp-http")
+        app = build_app(gateway, front, host)
+        server = _Uvicorn(
+            uvicorn.Config(
+                app,
+                lifespan="on",
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_SECONDS),
+            )
+        )
+        bound_port = sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        url = f"http://{shown}:{bound_port}/mcp"
+        with _reload_on_sighup(gateway, config):
+            task = asyncio.ensure_future(server.serve(sockets=[sock]))
+            try:
+                while not server.started and not task.done():
+                    await asyncio.sleep(0.02)
+                if server.started:
+                    log.info("Duragate MCP endpoint: %s", url)
+                    if on_ready is not None:
+                        on_ready(url)
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                server.should_exit = True
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise
+    finally:
+        sock.close()
+        await gateway.stop()
+
+
+async def serve_stdio(config: GatewayConfig, data_dir: Path) -> None:
+    """Run the gateway with MCP over stdio until stdin closes (or until cancelled)."""
+    with protocol_stdout() as out:
+        gateway = Gateway(config, data_dir)
+        await gateway.start()
+        try:
+            front = McpFront(
+                gateway,
+                gateway.sessions,
+                front_door="mcp-stdio",
+                default_principal=local_principal(),
+            )
+            with _reload_on_sighup(gateway, config):
+                await run_stdio(front, out)
+        finally:
+            await gateway.stop()
