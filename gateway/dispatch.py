@@ -334,12 +334,14 @@ class Dispatcher:
         principal: Principal,
         timeout: float | None,
         on_update: Callable[[CallView], Awaitable[None]] | None = None,
+        known: CallView | None = None,
     ) -> CallView:
         """Wait until the task is terminal or `timeout` passes; returns its latest view.
 
         `on_update` gets a view whenever the tool reports progress (in-process, at once) or the
-        workflow's status message changes (checked every `status_interval` seconds)."""
-        view = await self.get(task_id, principal)
+        workflow's status message changes (checked every `status_interval` seconds). `known` is
+        the view `submit` just returned for this principal: it spares a read of the task."""
+        view = known if known is not None else await self.get(task_id, principal)
         if view.terminal:
             return view
         client = self.runtime.client

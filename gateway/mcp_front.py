@@ -349,7 +349,7 @@ class McpFront:
         try:
             await progress.send(0, None, view.message)
             on_update = progress.on_update if progress.token is not None else None
-            return await self.dispatcher.wait(view.task_id, principal, bound, on_update)
+            return await self.dispatcher.wait(view.task_id, principal, bound, on_update, known=view)
         except anyio.get_cancelled_exc_class():
             if _cancelled_by_client(ctx):
                 with anyio.move_on_after(15, shield=True):
