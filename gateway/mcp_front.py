@@ -133,7 +133,9 @@ class LiveSessions:
         self._levels[session] = level
 
     def wants(self, session: ServerSession, level: types.LoggingLevel) -> bool:
-        threshold = self._levels.get(session, "info")
+        # Per-call info logs are opt-in (logging/setLevel): unasked, they cost every call two
+        # notifications nobody reads.
+        threshold = self._levels.get(session, "warning")
         return LOG_LEVELS.index(level) >= LOG_LEVELS.index(threshold)
 
     async def notify_tools_changed(self) -> int:

@@ -158,6 +158,7 @@ async def test_cancelled_notification_terminates_the_workflow(
             started.set()
 
     async with mcp_session(shared_gateway.url, logging_callback=on_log) as session:
+        await session.set_logging_level("info")
         request_id = session._request_id  # the id the next request gets
         call = asyncio.ensure_future(
             session.call_tool("slow_echo", {"text": "never", "seconds": 30})
