@@ -23,7 +23,6 @@ import asyncio
 import importlib.util
 import json
 import logging
-import statistics
 import sys
 import tempfile
 import time
@@ -32,24 +31,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench.measure import percentiles
+
 WARMUP = 20
 Workflow = Callable[[int], Coroutine[Any, Any, int]]
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    """Same method as bench.engine_bench, so the two are compared like for like."""
-    ordered = sorted(samples)
-
-    def pick(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
-
-    return {
-        "p50": pick(0.50),
-        "p90": pick(0.90),
-        "p99": pick(0.99),
-        "mean": round(statistics.fmean(ordered) * 1000, 3),
-        "n": len(ordered),
-    }
 
 
 async def job(args: argparse.Namespace) -> dict[str, Any]:

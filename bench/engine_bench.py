@@ -30,6 +30,7 @@ from typing import Any
 
 from dapr.ext.workflow.aio import DaprWorkflowClient
 
+from bench.measure import cpu_seconds, percentiles
 from bench.workloads import QUIET, start_runtime
 from gateway.sidecar.server import READY_MARKER, SidecarThread
 from gateway.sidecar.settings import SidecarSettings
@@ -38,26 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 # The figures the issue names for this job, measured on this kind of machine.
 ISSUE_BASELINE = {"dbos": {"throughput_wfps": 146.0, "seq_p50_ms": 6.6}}
 TARGET = {"throughput_wfps": 450.0, "seq_p50_ms": 3.0}
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-
-    def pick(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
-
-    return {
-        "p50": pick(0.50),
-        "p90": pick(0.90),
-        "p99": pick(0.99),
-        "mean": round(statistics.fmean(ordered) * 1000, 3),
-        "n": len(ordered),
-    }
 
 
 @contextmanager

@@ -31,7 +31,6 @@ import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult, TextContent
 
+from bench.measure import cpu_seconds, percentiles
 from examples.tools import add
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,26 +61,6 @@ TARGET = {"p50_ratio_max": 1.5, "throughput_ratio_min": 0.7}
 
 # ---------------------------------------------------------------------------------------------
 # measuring
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-
-    def pick(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 4)
-
-    return {
-        "p50": pick(0.50),
-        "p90": pick(0.90),
-        "p99": pick(0.99),
-        "mean": round(statistics.fmean(ordered) * 1000, 4),
-        "n": len(ordered),
-    }
 
 
 def load() -> list[float]:
@@ -126,7 +106,7 @@ async def sequential(call: Call, n: int, procs: Processes) -> dict[str, Any]:
         samples.append(time.perf_counter() - start)
     elapsed = time.perf_counter() - t0
     return {
-        "latency_ms": percentiles(samples),
+        "latency_ms": percentiles(samples, digits=4),
         **procs.usage(cpu0, elapsed, n),
         "load_avg": load0,
     }
@@ -181,7 +161,7 @@ async def concurrent(
         await asyncio.gather(*tasks, return_exceptions=True)
     return {
         "throughput_cps": round(total / elapsed, 1),
-        "latency_ms": percentiles(latencies),
+        "latency_ms": percentiles(latencies, digits=4),
         **usage,
         "load_avg": load0,
     }

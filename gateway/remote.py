@@ -1,7 +1,8 @@
 """The CLI's side of a running gateway: an MCP client over Streamable HTTP.
 
 `duragate call` and `duragate tasks ...` use these; each opens one MCP session, does its one
-thing and closes it. Errors come back as `RemoteError` with a message for a person.
+thing and closes it. Errors, raised anywhere inside a session, come back as `RemoteError` with
+a message for a person.
 """
 
 from __future__ import annotations
@@ -83,24 +84,18 @@ async def call_tool(
 ) -> types.CallToolResult:
     meta = {IDEMPOTENCY_META: idempotency_key} if idempotency_key else None
     async with session(url) as s:
-        try:
-            return await s.call_tool(
-                tool,
-                arguments,
-                read_timeout_seconds=timedelta(seconds=timeout),
-                progress_callback=on_progress,
-                meta=meta,
-            )
-        except McpError as exc:
-            raise RemoteError(exc.error.message) from exc
+        return await s.call_tool(
+            tool,
+            arguments,
+            read_timeout_seconds=timedelta(seconds=timeout),
+            progress_callback=on_progress,
+            meta=meta,
+        )
 
 
 async def start_task(url: str, tool: str, arguments: dict[str, Any]) -> types.Task:
     async with session(url) as s:
-        try:
-            created = await s.experimental.call_tool_as_task(tool, arguments)
-        except McpError as exc:
-            raise RemoteError(exc.error.message) from exc
+        created = await s.experimental.call_tool_as_task(tool, arguments)
         return created.task
 
 
@@ -118,26 +113,17 @@ async def list_tasks(url: str) -> list[types.Task]:
 
 async def get_task(url: str, task_id: str) -> types.GetTaskResult:
     async with session(url) as s:
-        try:
-            return await s.experimental.get_task(task_id)
-        except McpError as exc:
-            raise RemoteError(exc.error.message) from exc
+        return await s.experimental.get_task(task_id)
 
 
 async def task_result(url: str, task_id: str) -> types.CallToolResult:
     async with session(url, timeout=3600.0) as s:
-        try:
-            return await s.experimental.get_task_result(task_id, types.CallToolResult)
-        except McpError as exc:
-            raise RemoteError(exc.error.message) from exc
+        return await s.experimental.get_task_result(task_id, types.CallToolResult)
 
 
 async def cancel_task(url: str, task_id: str) -> types.CancelTaskResult:
     async with session(url) as s:
-        try:
-            return await s.experimental.cancel_task(task_id)
-        except McpError as exc:
-            raise RemoteError(exc.error.message) from exc
+        return await s.experimental.cancel_task(task_id)
 
 
 def render(value: Any) -> str:
