@@ -27,7 +27,7 @@ from google.protobuf import wrappers_pb2
 
 from gateway.runtime import DurableRuntime
 from gateway.sidecar.protos import pb, workflow_grpc
-from gateway.workflow import WORKFLOW_NAME, failure
+from gateway.workflow import APPROVAL_EVENT, WORKFLOW_NAME, failure
 from identity.principal import Principal
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ TERMINAL_STATUSES = {"COMPLETED", "FAILED", "TERMINATED", "CANCELED"}
 
 class DispatchError(Exception):
     """A call refused before it ran, or a task that cannot be shown. `code` is one of:
-    unknown_tool, invalid_arguments, idempotency_conflict, denied, not_found, unavailable."""
+    unknown_tool, invalid_arguments, idempotency_conflict, denied, not_found, not_waiting,
+    unavailable."""
 
     def __init__(self, code: str, message: str, data: Any = None) -> None:
         super().__init__(message)
@@ -94,19 +95,30 @@ class Policy(Protocol):
 
     def may_list(self, principal: Principal, tool: str) -> bool: ...
 
-    def check_call(self, principal: Principal, tool: str, arguments: dict[str, Any]) -> None:
-        """Raise DispatchError("denied", ...) to refuse."""
+    def check_call(
+        self, principal: Principal, tool: str, arguments: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Raise DispatchError("denied", ...) to refuse; return obligations to attach to the
+        call (today: `{"approval": {"expires_seconds": N}}` makes it wait for a person)."""
+
+    def may_approve(self, approver: Principal, tool: str, caller: dict[str, Any]) -> bool: ...
 
 
 class AllowConfiguredTools:
     """Until tenant policies exist: every configured tool may be listed and called by any
-    authenticated caller (whom the front door has already let in)."""
+    authenticated caller (whom the front door has already let in); a call may be approved by
+    a principal of its own tenant."""
 
     def may_list(self, principal: Principal, tool: str) -> bool:
         return True
 
-    def check_call(self, principal: Principal, tool: str, arguments: dict[str, Any]) -> None:
+    def check_call(
+        self, principal: Principal, tool: str, arguments: dict[str, Any]
+    ) -> dict[str, Any] | None:
         return None
+
+    def may_approve(self, approver: Principal, tool: str, caller: dict[str, Any]) -> bool:
+        return approver.tenant == caller.get("tenant")
 
 
 class Audit(Protocol):
@@ -188,7 +200,7 @@ class Dispatcher:
             self.audit.record("refused", req.principal, req.tool, reason="unknown_tool")
             raise DispatchError("unknown_tool", f"unknown tool {req.tool!r}")
         try:
-            self.policy.check_call(req.principal, req.tool, req.arguments)
+            obligations = self.policy.check_call(req.principal, req.tool, req.arguments) or {}
         except DispatchError as exc:
             self.audit.record("denied", req.principal, req.tool, reason=exc.message)
             raise
@@ -205,6 +217,7 @@ class Dispatcher:
             "timeout_seconds": spec.timeout_seconds,
             "retry": spec.retry.model_dump() if hasattr(spec.retry, "model_dump") else spec.retry,
             "trace": req.trace_context or {},
+            "approval": obligations.get("approval"),
         }
         if req.idempotency_key:
             task_id = idempotent_task_id(req.principal, req.tool, req.idempotency_key)
@@ -398,6 +411,32 @@ class Dispatcher:
                     fresh.progress, fresh.total = view.progress, view.total
                     await on_update(fresh)
         return completion.result()
+
+    async def decide(
+        self, task_id: str, approver: Principal, approved: bool, reason: str = ""
+    ) -> CallView:
+        """Approve or deny a call that waits for approval. The decision is bound to the hash
+        of the arguments the approver was shown, which the workflow checks."""
+        state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
+        if state is None or state.name != WORKFLOW_NAME:
+            raise DispatchError("not_found", f"no task {task_id!r}")
+        call = json.loads(state.serialized_input or "{}")
+        if not self.policy.may_approve(approver, call.get("tool", ""), call.get("principal", {})):
+            raise DispatchError("not_found", f"no task {task_id!r}")
+        view = self._view(task_id, state, call)
+        if view.state != CallState.INPUT_REQUIRED:
+            raise DispatchError(
+                "not_waiting", f"task {task_id!r} is not waiting for approval ({view.state})"
+            )
+        decision = {
+            "approved": approved,
+            "by": approver.id,
+            "reason": reason,
+            "arguments_hash": call.get("arguments_hash"),
+        }
+        await self.runtime.client.raise_workflow_event(task_id, APPROVAL_EVENT, data=decision)
+        self.audit.record("approved" if approved else "rejected", approver, view.tool, task=task_id)
+        return view
 
     async def cancel(self, task_id: str, principal: Principal) -> CallView:
         view = await self.get(task_id, principal)

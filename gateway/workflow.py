@@ -21,6 +21,7 @@ from gateway.progress import ProgressHub
 
 WORKFLOW_NAME = "duragate.call"
 ACTIVITY_NAME = "duragate.tool"
+APPROVAL_EVENT = "duragate.approval"
 
 
 class NonRetryableError(Exception):
@@ -49,8 +50,13 @@ def _decode_failure(details: Any) -> dict[str, Any]:
 
 def call_workflow(ctx: wf.DaprWorkflowContext, call: dict[str, Any]) -> Generator[Any, Any, Any]:
     tool = call["tool"]
-    # Seam for approvals (policy): a call whose decision requires approval waits here for the
-    # "approval" event, bound to the arguments' hash, or for its expiry.
+    approval = call.get("approval")
+    if approval:
+        # The policy asked for a person's approval: wait for it (durably: days if need be),
+        # bound to the hash of these arguments, until it expires.
+        refusal = yield from _await_approval(ctx, call, approval)
+        if refusal is not None:
+            return refusal
     ctx.set_custom_status(_status("running", f"running {tool}"))
     retry = call.get("retry") or {}
     attempts = int(retry.get("max_attempts", 1))
@@ -83,6 +89,30 @@ def call_workflow(ctx: wf.DaprWorkflowContext, call: dict[str, Any]) -> Generato
         return _decode_failure(details)
     ctx.set_custom_status(_status("completed", f"{tool} completed"))
     return {"ok": True, "result": result}
+
+
+def _await_approval(
+    ctx: wf.DaprWorkflowContext, call: dict[str, Any], approval: dict[str, Any]
+) -> Generator[Any, Any, dict[str, Any] | None]:
+    """None once approved; otherwise the call's failure (denied, expired, other arguments)."""
+    tool = call["tool"]
+    expires = float(approval.get("expires_seconds", 86400))
+    ctx.set_custom_status(_status("waiting_approval", f"{tool} is waiting for approval"))
+    decision_task = ctx.wait_for_external_event(APPROVAL_EVENT)
+    expiry = ctx.create_timer(timedelta(seconds=expires))
+    winner = yield wf.when_any([decision_task, expiry])
+    if winner is expiry:
+        ctx.set_custom_status(_status("failed", f"approval of {tool} expired"))
+        return failure("approval_expired", f"no approval for {tool} within {expires:g} s")
+    decision = decision_task.get_result() or {}
+    if decision.get("arguments_hash") != call.get("arguments_hash"):
+        ctx.set_custom_status(_status("failed", f"{tool}: approval for other arguments"))
+        return failure("approval_mismatch", "the approval was given for other arguments")
+    if not decision.get("approved"):
+        ctx.set_custom_status(_status("failed", f"{tool} was not approved"))
+        reason = decision.get("reason") or "no reason given"
+        return failure("not_approved", f"not approved by {decision.get('by')}: {reason}")
+    return None
 
 
 def make_tool_activity(lookup: Callable[[str], Any], hub: ProgressHub) -> Callable[..., Any]:

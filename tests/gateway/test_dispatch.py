@@ -59,9 +59,15 @@ class DenyFail:
     def may_list(self, principal: Principal, tool: str) -> bool:
         return True
 
-    def check_call(self, principal: Principal, tool: str, arguments: dict[str, Any]) -> None:
+    def check_call(
+        self, principal: Principal, tool: str, arguments: dict[str, Any]
+    ) -> dict[str, Any] | None:
         if tool == "fail":
             raise DispatchError("denied", "policy: fail is not allowed")
+        return None
+
+    def may_approve(self, approver: Principal, tool: str, caller: dict[str, Any]) -> bool:
+        return False
 
 
 @pytest.fixture
@@ -195,3 +201,95 @@ async def test_wait_with_a_bound_returns_a_running_view(dispatcher: Dispatcher) 
 async def test_many_concurrent_calls(dispatcher: Dispatcher) -> None:
     views = await asyncio.gather(*(call(dispatcher, "add", {"a": i, "b": 1}) for i in range(40)))
     assert [v.result["result"] for v in views] == [i + 1 for i in range(40)]
+
+
+class NeedsApproval:
+    """A policy that makes every `add` wait for a person (the approval seam)."""
+
+    def __init__(self, expires: float = 60) -> None:
+        self.expires = expires
+
+    def may_list(self, principal: Principal, tool: str) -> bool:
+        return True
+
+    def check_call(
+        self, principal: Principal, tool: str, arguments: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        return {"approval": {"expires_seconds": self.expires}} if tool == "add" else None
+
+    def may_approve(self, approver: Principal, tool: str, caller: dict[str, Any]) -> bool:
+        return approver.id == APPROVER.id
+
+
+APPROVER = Principal(id="spiffe://example.org/user/alice", tenant="default", via="test")
+
+
+async def waiting(d: Dispatcher, args: dict[str, Any]) -> CallView:
+    view = await d.submit(CallRequest("add", args, ANONYMOUS, "test"))
+    for _ in range(100):
+        view = await d.get(view.task_id, ANONYMOUS)
+        if view.state == CallState.INPUT_REQUIRED:
+            return view
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never waited for approval: {view}")
+
+
+async def test_approval_seam_waits_then_runs(dispatcher: Dispatcher) -> None:
+    dispatcher.policy = NeedsApproval()
+    view = await waiting(dispatcher, {"a": 1, "b": 2})
+    assert view.message == "add is waiting for approval"
+    with pytest.raises(DispatchError) as info:  # not someone the policy lets approve
+        await dispatcher.decide(view.task_id, OTHER, True)
+    assert info.value.code == "not_found"
+    await dispatcher.decide(view.task_id, APPROVER, True, "looks fine")
+    done = await dispatcher.wait(view.task_id, ANONYMOUS, 30)
+    assert done.state == CallState.COMPLETED and done.result == {"result": 3}
+    with pytest.raises(DispatchError) as info:
+        await dispatcher.decide(view.task_id, APPROVER, True)
+    assert info.value.code == "not_waiting"
+
+
+async def test_approval_seam_rejection_and_expiry(dispatcher: Dispatcher) -> None:
+    dispatcher.policy = NeedsApproval()
+    view = await waiting(dispatcher, {"a": 1, "b": 2})
+    await dispatcher.decide(view.task_id, APPROVER, False, "not today")
+    done = await dispatcher.wait(view.task_id, ANONYMOUS, 30)
+    assert done.state == CallState.FAILED and done.error is not None
+    assert done.error["type"] == "not_approved" and "not today" in done.error["message"]
+
+    dispatcher.policy = NeedsApproval(expires=0.3)
+    view = await waiting(dispatcher, {"a": 5, "b": 5})
+    done = await dispatcher.wait(view.task_id, ANONYMOUS, 30)
+    assert done.state == CallState.FAILED and done.error is not None
+    assert done.error["type"] == "approval_expired"
+
+
+class RecordingAudit:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, str | None]] = []
+
+    def record(self, event: str, principal: Principal, tool: str | None, **details: Any) -> None:
+        self.events.append((event, principal.id, tool))
+
+
+async def test_audit_seam_sees_every_decision(dispatcher: Dispatcher) -> None:
+    audit = RecordingAudit()
+    dispatcher.audit = audit
+    dispatcher.policy = DenyFail()
+    view = await call(dispatcher, "add", {"a": 1, "b": 1})
+    with pytest.raises(DispatchError):
+        await dispatcher.submit(CallRequest("fail", {"message": "x"}, ANONYMOUS, "test"))
+    with pytest.raises(DispatchError):
+        await dispatcher.submit(CallRequest("nope", {}, ANONYMOUS, "test"))
+    long = await dispatcher.submit(
+        CallRequest("slow_echo", {"text": "x", "seconds": 20}, ANONYMOUS, "test")
+    )
+    await dispatcher.cancel(long.task_id, ANONYMOUS)
+    assert [e[0] for e in audit.events] == [
+        "scheduled",
+        "denied",
+        "refused",
+        "scheduled",
+        "cancelled",
+    ]
+    assert audit.events[0] == ("scheduled", ANONYMOUS.id, "add") and view.terminal
