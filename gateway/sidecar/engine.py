@@ -116,6 +116,14 @@ def _resolution_key(ev: pb.HistoryEvent) -> tuple[str, int] | None:
     return None
 
 
+def status_name(status: int) -> str:
+    """RUNNING, COMPLETED, ... (or the number, for a value the protocol does not define)."""
+    try:
+        return pb.OrchestrationStatus.Name(status).removeprefix("ORCHESTRATION_STATUS_")
+    except ValueError:
+        return str(status)
+
+
 def _failure(error_type: str, message: str) -> pb.TaskFailureDetails:
     return pb.TaskFailureDetails(errorType=error_type, errorMessage=message)
 
@@ -377,18 +385,21 @@ class Engine:
         """Everything dispatched to a stream that goes away goes back on the queue."""
         self._streams.pop(stream.id, None)
         requeued = 0
+        activities: list[ActivityItem] = []
         for d in list(stream.dispatched.values()):
             self._forget(d)
             requeued += 1
             if d.activity is not None:
                 inst = self._instances.get(d.instance_id)
                 if inst is not None and inst.execution_id == d.activity.execution_id:
-                    self._activities.appendleft(d.activity)
+                    activities.append(d.activity)
             else:
                 inst = self._instances.get(d.instance_id)
                 if inst is not None and inst.dispatch is d:
                     inst.dispatch = None
                     self._mark_ready(inst)
+        # Back at the head of the queue, in the order they were first handed out.
+        self._activities.extendleft(reversed(activities))
         if requeued:
             log.info("worker stream %d closed; %d work item(s) requeued", stream.id, requeued)
             self._wake_streams()
@@ -558,7 +569,18 @@ class Engine:
             return
         inst.dispatch = None
         ops: list[Op] = []
-        _Turn(self, inst, d, res, ops).apply()
+        try:
+            _Turn(self, inst, d, res, ops).apply()
+        except Exception as exc:  # a response the engine cannot apply: fail the instance
+            log.exception("cannot apply the turn of '%s'", inst.id)
+            ops = []
+            if inst.id in self._instances:
+                failure = _failure(
+                    "SidecarError", f"the sidecar could not apply the workflow's actions: {exc}"
+                )
+                self._finish(inst, FAILED, None, failure, ops)
+            await self._commit(ops)
+            raise InvalidArgumentError(f"cannot apply the workflow's actions: {exc}") from exc
         await self._commit(ops)
 
     # --- the pieces a turn is made of -----------------------------------------------------
@@ -723,7 +745,7 @@ class Engine:
             )
         else:
             if failure is None:
-                name = pb.OrchestrationStatus.Name(status).removeprefix("ORCHESTRATION_STATUS_")
+                name = status_name(status)
                 failure = _failure(
                     "WorkflowTerminated" if status == TERMINATED else "WorkflowFailed",
                     f"child workflow '{inst.id}' ended with status {name}",
@@ -911,10 +933,10 @@ class Engine:
                 f" (max_live_instances); retry when some have finished"
             )
         if instance_id in self._instances:
-            status = pb.OrchestrationStatus.Name(self._instances[instance_id].live_status())
+            status = status_name(self._instances[instance_id].live_status())
             raise AlreadyExistsError(
                 f"workflow instance '{instance_id}' already exists and is "
-                f"{status.removeprefix('ORCHESTRATION_STATUS_')}; it can be started again "
+                f"{status}; it can be started again "
                 f"once it has finished, or purged"
             )
         ops: list[Op] = []
@@ -1025,10 +1047,9 @@ class Engine:
         state = await self.get_state(instance_id)
         if state is None:
             raise NotFoundError(f"no workflow instance with ID '{instance_id}'")
-        name = pb.OrchestrationStatus.Name(state.workflowStatus)
         raise FailedPreconditionError(
             f"cannot {verb} workflow instance '{instance_id}': it has already finished "
-            f"({name.removeprefix('ORCHESTRATION_STATUS_')})"
+            f"({status_name(state.workflowStatus)})"
         )
 
     async def purge(self, req: pb.PurgeInstancesRequest) -> int:
@@ -1268,17 +1289,25 @@ class _Turn:
             self._continue_as_new(a, result)
             return
         failure = a.failureDetails if a.HasField("failureDetails") else None
+        status = a.workflowStatus
+        if status not in TERMINAL:
+            failure = _failure(
+                "InvalidCompletion",
+                f"the worker completed the workflow with status {status_name(status)}, "
+                "which is not a final status",
+            )
+            status = FAILED
         self.events.append(
             _event(
                 eventId=action.id,
                 executionCompleted=pb.ExecutionCompletedEvent(
-                    workflowStatus=a.workflowStatus, result=result, failureDetails=failure
+                    workflowStatus=status, result=result, failureDetails=failure
                 ),
             )
         )
         self.finished = True
         self.e._append_history(self.inst, self.events, self.ops)
-        self.e._finish(self.inst, a.workflowStatus, result, failure, self.ops)
+        self.e._finish(self.inst, status, result, failure, self.ops)
 
     def _continue_as_new(
         self, a: pb.CompleteWorkflowAction, result: wrappers_pb2.StringValue | None

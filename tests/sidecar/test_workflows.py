@@ -791,3 +791,25 @@ def test_garbage_bytes_are_refused_and_the_sidecar_keeps_serving(sidecar_mod: An
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
         stub = workflow_grpc.TaskHubSidecarServiceStub(channel)
         assert not stub.GetInstance(pb.GetInstanceRequest(instanceId="still-alive")).exists
+
+
+def test_a_completion_with_a_non_final_status_fails_the_workflow(tmp_path: Path) -> None:
+    settings = sidecar_settings(tmp_path / "bad.db", http_listen=None, start_wait_seconds=0)
+    with SidecarThread(settings) as sc, grpc.insecure_channel(sc.grpc_address) as channel:
+        stub = workflow_grpc.TaskHubSidecarServiceStub(channel)
+        stub.StartInstance(pb.CreateInstanceRequest(instanceId="odd", name="raw"))
+        stream = stub.GetWorkItems(pb.GetWorkItemsRequest())
+        turn = _next_item(stream)
+        odd = pb.WorkflowAction(
+            id=0,
+            completeWorkflow=pb.CompleteWorkflowAction(workflowStatus=999),  # type: ignore[arg-type]
+        )
+        stub.CompleteOrchestratorTask(
+            pb.WorkflowResponse(
+                instanceId="odd", actions=[odd], completionToken=turn.completionToken
+            )
+        )
+        state = stub.GetInstance(pb.GetInstanceRequest(instanceId="odd")).workflowState
+        assert state.workflowStatus == pb.ORCHESTRATION_STATUS_FAILED
+        assert "not a final status" in state.failureDetails.errorMessage
+        stream.cancel()
