@@ -30,7 +30,7 @@ from typing import Any
 
 from dapr.ext.workflow.aio import DaprWorkflowClient
 
-from bench.measure import cpu_seconds, percentiles
+from bench.measure import cpu_seconds, emit, percentiles
 from bench.workloads import QUIET, start_runtime
 from gateway.sidecar.server import READY_MARKER, SidecarThread
 from gateway.sidecar.settings import SidecarSettings
@@ -358,14 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for r in configs
             ]
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    if args.png:
-        for path in draw(doc, args.png):
-            print(f"wrote {path}", file=sys.stderr)
+    emit(doc, args.out, args.png, draw)
     return 0
 
 

@@ -45,7 +45,7 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult, TextContent
 
-from bench.measure import cpu_seconds, percentiles
+from bench.measure import cpu_seconds, emit, percentiles
 from examples.tools import add
 
 REPO = Path(__file__).resolve().parents[1]
@@ -621,14 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         "target": TARGET,
         "issue_baseline": ISSUE_BASELINE,
     }
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    if args.png:
-        for path in draw(doc, args.png):
-            print(f"wrote {path}", file=sys.stderr)
+    emit(doc, args.out, args.png, draw)
     return 0
 
 

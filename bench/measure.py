@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def cpu_seconds(pid: int) -> float:
@@ -27,3 +31,20 @@ def percentiles(samples: list[float], digits: int = 3) -> dict[str, float]:
         "mean": round(statistics.fmean(ordered) * 1000, digits),
         "n": len(ordered),
     }
+
+
+def emit(
+    doc: dict[str, Any],
+    out: Path | None,
+    png: Path | None,
+    draw: Callable[[dict[str, Any], Path], list[Path]],
+) -> None:
+    """The JSON on stdout (and in `out`), and the charts in `png` when asked."""
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    if png:
+        for path in draw(doc, png):
+            print(f"wrote {path}", file=sys.stderr)
