@@ -26,7 +26,7 @@ import grpc
 from google.protobuf import wrappers_pb2
 
 from gateway.runtime import DurableRuntime
-from gateway.sidecar.protos import pb, workflow_grpc
+from gateway.sidecar.protos import pb
 from gateway.workflow import APPROVAL_EVENT, WORKFLOW_NAME, failure
 from identity.principal import Principal
 
@@ -265,22 +265,20 @@ class Dispatcher:
         or refuse (different ones). The SDK client cannot ask for a unique id, so this start
         goes through the protocol stub with enforceUniqueInstanceId: race-free across
         gateway processes."""
-        async with grpc.aio.insecure_channel(self.runtime.address) as channel:
-            stub = workflow_grpc.TaskHubSidecarServiceStub(channel)
-            request = pb.CreateInstanceRequest(
-                instanceId=task_id,
-                name=WORKFLOW_NAME,
-                input=wrappers_pb2.StringValue(value=json.dumps(call)),
-                enforceUniqueInstanceId=True,
-            )
-            try:
-                await stub.StartInstance(request)
-                return None
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
-                    raise DispatchError(
-                        "unavailable", f"the workflow engine refused: {exc}"
-                    ) from exc
+        request = pb.CreateInstanceRequest(
+            instanceId=task_id,
+            name=WORKFLOW_NAME,
+            input=wrappers_pb2.StringValue(value=json.dumps(call)),
+            enforceUniqueInstanceId=True,
+        )
+        try:
+            await self.runtime.stub.StartInstance(request, metadata=self.runtime.metadata)
+            return None
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise DispatchError(
+                    "unavailable", f"the workflow engine refused: {exc.details()}"
+                ) from exc
         state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
         if state is None:  # purged between the two calls: start again
             return await self._start_idempotent(task_id, call, digest)

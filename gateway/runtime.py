@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import dapr.ext.workflow as wf
+import grpc
 from dapr.ext.workflow.aio import DaprWorkflowClient
 from dapr.ext.workflow.logger import LoggerOptions
 
 from gateway import workflow
 from gateway.progress import ProgressHub
+from gateway.sidecar.protos import workflow_grpc
 from gateway.sidecar.server import READY_MARKER, SidecarThread
 from gateway.sidecar.settings import SidecarSettings
 
@@ -145,6 +147,18 @@ class DurableRuntime:
         self._sidecar: SidecarProcess | SidecarThread | None = None
         self._worker: wf.WorkflowRuntime | None = None
         self._client: DaprWorkflowClient | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: workflow_grpc.TaskHubSidecarServiceStub | None = None
+        self.metadata: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def stub(self) -> workflow_grpc.TaskHubSidecarServiceStub:
+        """The protocol stub, for the one call the SDK client cannot make (a start that must
+        not reuse a finished instance's id); send `metadata` with each call."""
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self.address)
+            self._stub = workflow_grpc.TaskHubSidecarServiceStub(self._channel)
+        return self._stub
 
     @property
     def client(self) -> DaprWorkflowClient:
@@ -173,6 +187,7 @@ class DurableRuntime:
                 from dapr.conf import settings as dapr_settings
 
                 dapr_settings.DAPR_API_TOKEN = os.environ[token_env]  # type: ignore[attr-defined]
+                self.metadata = (("dapr-api-token", os.environ[token_env]),)
             return str(self.engine.grpc_address)
         mode = getattr(self.engine, "sidecar", "process")
         if mode == "thread":
@@ -206,6 +221,9 @@ class DurableRuntime:
         if worker is not None:
             await asyncio.to_thread(worker.shutdown)
         self._client = None
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close()
         sidecar, self._sidecar = self._sidecar, None
         if isinstance(sidecar, SidecarProcess):
             await sidecar.stop()
