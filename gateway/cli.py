@@ -405,9 +405,12 @@ def _load_gateway_config(path: Path | None) -> GatewayConfig:
             )
         path = DEMO_CONFIG
         log.info("no --config given: serving the demo configuration %s", path)
+    from gateway.http_app import build_authenticator
+
     try:
         config = load_config(path)
         Registry.from_config(config)  # every tool's target loads, or nothing starts
+        build_authenticator(config)  # and every trust bundle
     except ConfigError as exc:
         typer.echo(f"error: the configuration is not valid:\n{exc}", err=True)
         raise typer.Exit(2) from None

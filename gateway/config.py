@@ -9,7 +9,7 @@ tree (`yaml.compose`) along each error's `loc`:
 
     config/gateway.yaml:14: tools[1].retry.max_atempts: unknown key (did you mean 'max_attempts'?)
 
-Relative paths in the file (`data_dir`, `identity.config`, `policy.dir`) are taken from the
+Relative paths in the file (`data_dir`, `identity.bundles`, `policy.dir`) are taken from the
 directory of the config file, not from the current directory, so a config means the same thing
 wherever `duragate` is started from.
 """
@@ -41,6 +41,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from identity.principal import ANONYMOUS
+from identity.spiffe_id import SpiffeId, SpiffeIdError, SpiffeIdPattern, parse_trust_domain
 
 MiB = 1024 * 1024
 
@@ -223,11 +226,138 @@ EngineConfig = Annotated[
 ]
 
 
+# A tenant name becomes part of task ownership and, later, a policy file name: a conservative
+# charset, no leading or trailing '.', '-' or '_' (so never '.' or '..'). Every usual trust domain
+# name (`example.org`) fits, which the default rule (tenant = trust domain) relies on.
+TENANT_NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,253}[a-z0-9])?")
+
+
+def check_tenant_name(value: str) -> str:
+    if not TENANT_NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a tenant name: 1 to 255 lowercase letters, digits, '.', '-' or "
+            "'_', starting and ending with a letter or digit"
+        )
+    return value
+
+
+def _trust_domain(value: str) -> str:
+    try:
+        return parse_trust_domain(value)
+    except SpiffeIdError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class TenantRule(_Strict):
+    """`{match: spiffe://example.org/team-a/**, tenant: team-a}`: callers whose SPIFFE ID
+    matches the pattern (`*` one segment, `**` any number) belong to the tenant."""
+
+    match: str
+    tenant: str
+
+    @field_validator("match")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        try:
+            SpiffeIdPattern.parse(value)
+        except SpiffeIdError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, value: str) -> str:
+        return check_tenant_name(value)
+
+    @property
+    def trust_domain(self) -> str:
+        return self.match.removeprefix("spiffe://").partition("/")[0]
+
+
 class IdentityConfig(_Strict):
+    """Who may call: trust bundles for JWT-SVID bearer tokens, the audience they must name, how
+    a caller's SPIFFE ID maps to a tenant, and whether anonymous callers are let in."""
+
+    # The gateway's own trust domain (its SVIDs, its local users); optional until mTLS.
+    trust_domain: str | None = None
+    # One bundle file (SPIFFE JSON or PEM) per trust domain, never merged: a token is checked
+    # against the bundle of its subject's trust domain only.
+    bundles: dict[str, ConfigPath] = Field(default_factory=dict)
+    # A JWT-SVID's `aud` must include (one of) this.
+    audience: str | list[str] = "duragate"
+    # First match wins; no match means tenant = the caller's trust domain, unless
+    # `require_tenant_rule`, which refuses (403) a caller that no rule names.
+    tenants: list[TenantRule] = Field(default_factory=list)
+    require_tenant_rule: bool = False
     # Security by default: a caller that proves no identity is refused unless this is true.
     allow_anonymous: bool = False
-    # Trust domains, bundles, OAuth settings: read by the identity layer (a later issue).
-    config: ConfigPath | None = None
+    anonymous_principal: str = ANONYMOUS.id
+    anonymous_tenant: str = ANONYMOUS.tenant
+    # How long a verified token is remembered (never past its `exp`); 0 verifies every request.
+    token_cache_seconds: float = Field(default=30.0, ge=0, le=3600)
+    # How often the bundle files are checked for a change (one stat each), at most the bundles'
+    # own refresh hint: a rotated bundle is used without a restart.
+    bundle_refresh_seconds: float = Field(default=5.0, gt=0, le=86400)
+
+    @field_validator("trust_domain")
+    @classmethod
+    def _own_domain(cls, value: str | None) -> str | None:
+        return None if value is None else _trust_domain(value)
+
+    @field_validator("bundles")
+    @classmethod
+    def _bundle_domains(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for domain in value:
+            try:
+                _trust_domain(domain)
+            except ValueError as exc:
+                raise ValueError(f"bundle key {domain!r}: {exc}") from None
+        return value
+
+    @field_validator("audience")
+    @classmethod
+    def _audience(cls, value: str | list[str]) -> str | list[str]:
+        values = [value] if isinstance(value, str) else value
+        if not values or not all(values):
+            raise ValueError("the audience must be a non-empty string or list of them")
+        return value
+
+    @field_validator("anonymous_principal")
+    @classmethod
+    def _anonymous_id(cls, value: str) -> str:
+        try:
+            return str(SpiffeId.parse(value))
+        except SpiffeIdError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("anonymous_tenant")
+    @classmethod
+    def _anonymous_tenant(cls, value: str) -> str:
+        return check_tenant_name(value)
+
+    @field_validator("tenants")
+    @classmethod
+    def _rules_name_known_domains(
+        cls, value: list[TenantRule], info: ValidationInfo
+    ) -> list[TenantRule]:
+        # A rule for a trust domain we hold no bundle for can never match: most likely a typo,
+        # which would silently hand those callers the default tenant instead.
+        known = set(info.data.get("bundles") or ())
+        own = info.data.get("trust_domain")
+        if own:
+            known.add(own)
+        for index, rule in enumerate(value):
+            if rule.trust_domain not in known:
+                listed = ", ".join(sorted(known)) or "none"
+                raise ValueError(
+                    f"rule #{index} ({rule.match}) can never match: no bundle for trust domain "
+                    f"{rule.trust_domain!r} (identity.bundles has: {listed})"
+                )
+        return value
+
+    @property
+    def audiences(self) -> frozenset[str]:
+        return frozenset([self.audience] if isinstance(self.audience, str) else self.audience)
 
 
 class PolicyConfig(_Strict):

@@ -9,8 +9,13 @@ When the gateway listens on loopback, `/mcp` checks `Host` and `Origin` against 
 (DNS-rebinding protection, the SDK's `TransportSecuritySettings`): a bad Host gets 421, a bad
 Origin 403 (as the 2025-11-25 transport spec asks).
 
-Authentication is a seam: until identity exists, `identity.allow_anonymous: true` makes every
-caller `ANONYMOUS`; otherwise every MCP request is refused with 401.
+Every request to `/mcp` is authenticated on its own (`identity.authenticate.Authenticator`), not
+only the one that opens a session: the principal goes into the request's scope, where the MCP
+front door reads it. A refused caller gets 401 with an RFC 6750 challenge
+(`WWW-Authenticate: Bearer realm="duragate", error=..., error_description=...`) and the reason in
+a JSON body, or 403 when it is known but belongs to no tenant; nothing reaches the session.
+A session stays bound to the caller that opened it (the SDK compares `scope["user"]`): another
+principal presenting its id gets 404, as if it did not exist.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
@@ -31,13 +39,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.config import GatewayConfig
+from gateway.config import ConfigError, GatewayConfig, IdentityConfig
 from gateway.mcp_front import PRINCIPAL_SCOPE_KEY, McpFront
-from identity.principal import ANONYMOUS
+from identity.authenticate import VIA_ANONYMOUS, AuthenticationError, Authenticator
+from identity.bundle import BundleError
+from identity.principal import Principal
 
 log = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+REALM = "duragate"
+# RFC 6750 3: error_description may only hold %x20-21 / %x23-5B / %x5D-7E: no double quote,
+# no backslash, no control or non-ASCII character (so no header injection either).
+_CHALLENGE_UNSAFE = re.compile(r"[^\x20-\x21\x23-\x5b\x5d-\x7e]")
+MAX_CHALLENGE_REASON = 300
 
 
 class ReadyProbe(Protocol):
@@ -130,27 +145,95 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+def build_authenticator(config: GatewayConfig) -> Authenticator:
+    """The Authenticator of `config`; a bundle file that does not load is a `ConfigError`
+    placed on `identity.bundles` in the config file."""
+    try:
+        return Authenticator(config.identity)
+    except BundleError as exc:
+        raise ConfigError([config.problem(("identity", "bundles"), str(exc))]) from None
+
+
+def challenge(error: AuthenticationError) -> str:
+    """The `WWW-Authenticate` value for a 401 (RFC 6750 3)."""
+    if error.error is None:
+        # No credentials at all: RFC 6750 3.1 asks for no error code in the challenge.
+        return f'Bearer realm="{REALM}"'
+    reason = _CHALLENGE_UNSAFE.sub("?", error.reason)[:MAX_CHALLENGE_REASON]
+    return f'Bearer realm="{REALM}", error="{error.error}", error_description="{reason}"'
+
+
+def refusal(error: AuthenticationError) -> Response:
+    if error.status == 401:
+        return _json_error(
+            401,
+            error.error or "unauthenticated",
+            error.reason,
+            **{"WWW-Authenticate": challenge(error)},
+        )
+    return _json_error(error.status, "forbidden", error.reason)
+
+
+def session_user(principal: Principal) -> AuthenticatedUser:
+    """What the SDK's session manager compares to bind a session to the caller that opened it
+    (`authorization_context`: client id, issuer, subject). The token itself stays out of it."""
+    return AuthenticatedUser(
+        AccessToken(token="", client_id=principal.id, scopes=[], subject=principal.id)
+    )
+
+
 class McpEndpoint:
-    """`/mcp`: authenticate (the seam), then hand over to the SDK's session manager.
+    """`/mcp`: authenticate every request, then hand over to the SDK's session manager.
     An ASGI callable instance, so that Starlette's `Route` serves it as an app at `/mcp`
-    exactly (a `Mount` would redirect `/mcp` to `/mcp/`)."""
+    exactly (a `Mount` would redirect `/mcp` to `/mcp/`).
+
+    The Authenticator is built here, once for the config at start (a bundle that does not
+    load stops the start) and once per reloaded identity section, at the first request that
+    sees it: the host hands out its current config, and nothing else announces a reload."""
 
     def __init__(self, host: HttpHost, manager: StreamableHTTPSessionManager) -> None:
         self.host = host
         self.manager = manager
+        self._identity: IdentityConfig = host.config.identity
+        self._authenticator = build_authenticator(host.config)
+
+    @property
+    def authenticator(self) -> Authenticator:
+        config = self.host.config
+        if config.identity is not self._identity:
+            changed = config.identity != self._identity
+            # Tried once per reload, whether it works or not: a broken bundle must not cost a
+            # failed load (and a log line) on every request.
+            self._identity = config.identity
+            if changed:
+                try:
+                    self._authenticator = build_authenticator(config)
+                except ConfigError as exc:
+                    log.error(
+                        "the reloaded identity settings do not load; authentication keeps the "
+                        "previous ones:\n%s",
+                        exc,
+                    )
+        return self._authenticator
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.host.config.identity.allow_anonymous:
-            response = _json_error(
-                401,
-                "unauthenticated",
-                "authentication is not configured on this gateway and anonymous callers are "
-                "refused (identity.allow_anonymous is false)",
-                **{"WWW-Authenticate": 'Bearer realm="duragate"'},
+        try:
+            principal = self.authenticator.authenticate_http(Headers(scope=scope))
+        except AuthenticationError as exc:
+            client = scope.get("client") or ("?", 0)
+            log.info(
+                "audit %s status=%d client=%s:%s reason=%s",
+                "unauthenticated" if exc.status == 401 else "forbidden",
+                exc.status,
+                client[0],
+                client[1],
+                exc.reason,
             )
-            await response(scope, receive, send)
+            await refusal(exc)(scope, receive, send)
             return
-        scope[PRINCIPAL_SCOPE_KEY] = ANONYMOUS
+        scope[PRINCIPAL_SCOPE_KEY] = principal
+        if principal.via != VIA_ANONYMOUS:
+            scope["user"] = session_user(principal)
         await self.manager.handle_request(scope, receive, send)
 
 

@@ -29,7 +29,7 @@ from adapters.base import PreparedTool
 from gateway import paths
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.dispatch import Dispatcher
-from gateway.http_app import build_app
+from gateway.http_app import build_app, build_authenticator
 from gateway.mcp_front import LiveSessions, McpFront
 from gateway.registry import Registry
 from gateway.runtime import DurableRuntime
@@ -117,6 +117,8 @@ class Gateway:
         does not load. Listen address, engine and data directory need a restart."""
         async with self._reload_lock:
             registry = await asyncio.to_thread(Registry.from_config, config)
+            # A broken trust bundle refuses the whole reload, as a broken tool does.
+            await asyncio.to_thread(build_authenticator, config)
             old = self._config
             for key in ("listen", "engine", "data_dir"):
                 if getattr(old, key) != getattr(config, key):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -61,7 +61,7 @@ class JwtSvid:
 def verify_jwt_svid(
     token: str,
     bundles: BundleSet,
-    audience: str | set[str],
+    audience: str | Collection[str],
     now: float | None = None,
     *,
     leeway: float = DEFAULT_LEEWAY,

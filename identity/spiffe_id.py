@@ -100,8 +100,7 @@ def check_path(path: str) -> None:
             raise SpiffeIdError(f"the path segment {segment!r} is not allowed")
         if not _SEGMENT_CHARS.fullmatch(segment):
             raise SpiffeIdError(
-                f"the path segment {segment!r} may only contain letters, digits, '.', '-' "
-                "and '_'"
+                f"the path segment {segment!r} may only contain letters, digits, '.', '-' and '_'"
             )
 
 

@@ -89,13 +89,14 @@ def test_relative_paths_are_taken_from_the_config_directory(tmp_path: Path) -> N
         """\
         data_dir: data
         identity:
-          config: ../identity.yaml
+          bundles:
+            example.org: ../bundles/example.org.json
         policy:
           dir: /etc/duragate/policies
         """
     )
     assert config.data_dir == BASE / "data"
-    assert config.identity.config == Path("/srv/identity.yaml")
+    assert config.identity.bundles == {"example.org": Path("/srv/bundles/example.org.json")}
     assert config.policy.dir == Path("/etc/duragate/policies")
 
     (tmp_path / "gateway.yaml").write_text("data_dir: state\n")
