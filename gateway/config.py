@@ -484,7 +484,7 @@ class GatewayConfig(_Strict):
         """The 1-based line in the config file of the key at `loc`, if known."""
         if self._root is None:
             return None
-        return _locate(self._root, loc)[0]
+        return locate_node(self._root, loc)[0]
 
     def problem(self, loc: Location, message: str) -> ConfigProblem:
         """A problem found after loading (by the registry, say), placed on the config file."""
@@ -514,13 +514,13 @@ def load_config(path: Path) -> GatewayConfig:
 
 def parse_config(text: str, source: str, base_dir: Path) -> GatewayConfig:
     """Validate config text. `source` names it in errors; `base_dir` anchors relative paths."""
-    root, data = _compose(text, source)
+    root, data = compose_yaml(text, source)
     problems = []
     tools = data.get("tools")
     if isinstance(tools, list):
         names = [t.get("name") if isinstance(t, dict) else None for t in tools]
         for first, repeat in duplicate_names(names):
-            line = _locate(root, ("tools", first, "name"))[0]
+            line = locate_node(root, ("tools", first, "name"))[0]
             problems.append(
                 _problem(
                     root,
@@ -540,7 +540,7 @@ def parse_config(text: str, source: str, base_dir: Path) -> GatewayConfig:
     return config
 
 
-def _compose(text: str, source: str) -> tuple[yaml.Node, dict[Any, Any]]:
+def compose_yaml(text: str, source: str) -> tuple[yaml.Node, dict[Any, Any]]:
     """Parse once: the node tree (for line numbers) and the Python data built from it."""
     loader = yaml.SafeLoader(text)
     try:
@@ -627,7 +627,7 @@ def _lookup(node: yaml.MappingNode, key: str | int) -> tuple[yaml.Node, yaml.Nod
     return found
 
 
-def _locate(root: yaml.Node, loc: Location) -> tuple[int, bool]:
+def locate_node(root: yaml.Node, loc: Location) -> tuple[int, bool]:
     """The line of the deepest node on `loc`, and whether all of `loc` was found.
 
     A key's line is the line of the key itself; when the key is missing, the line of the
@@ -650,7 +650,7 @@ def _locate(root: yaml.Node, loc: Location) -> tuple[int, bool]:
     return line, True
 
 
-def _unwrap(tp: Any) -> Any:
+def unwrap_type(tp: Any) -> Any:
     """Strip `Annotated[...]` and `X | None`."""
     while True:
         origin = typing.get_origin(tp)
@@ -670,7 +670,7 @@ def _union_member(tp: Any, tag: str) -> type[BaseModel] | None:
     if typing.get_origin(tp) not in (typing.Union, types.UnionType):
         return None
     for member in typing.get_args(tp):
-        model = _unwrap(member)
+        model = unwrap_type(member)
         if isinstance(model, type) and issubclass(model, BaseModel):
             kind = model.model_fields.get("kind")
             if kind is not None and tag in typing.get_args(kind.annotation):
@@ -685,7 +685,7 @@ def _model_path(loc: Location) -> tuple[Location, type[BaseModel] | None]:
     clean: list[str | int] = []
     parent: type[BaseModel] | None = None
     for part in loc:
-        tp = _unwrap(tp)
+        tp = unwrap_type(tp)
         if isinstance(part, str) and (member := _union_member(tp, part)) is not None:
             tp = member
             continue
@@ -701,7 +701,7 @@ def _model_path(loc: Location) -> tuple[Location, type[BaseModel] | None]:
     return tuple(clean), parent
 
 
-def _suggest(word: str, candidates: Sequence[str]) -> str:
+def suggest(word: str, candidates: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -713,14 +713,14 @@ def _explain(exc: ValidationError, root: yaml.Node, source: str) -> list[ConfigP
         kind, value = error["type"], error.get("input")
         if kind == "extra_forbidden":
             fields = list(parent.model_fields) if parent else []
-            message = "unknown key" + _suggest(str(loc[-1]), fields)
+            message = "unknown key" + suggest(str(loc[-1]), fields)
         elif kind == "missing":
             message = "required key is missing"
         elif kind == "union_tag_invalid" and isinstance(value, dict):
             loc = (*loc, "kind")
             tags = [t.strip("'") for t in error.get("ctx", {}).get("expected_tags", "").split(", ")]
             message = f"unknown kind {value.get('kind')!r}; known kinds: {', '.join(tags)}"
-            message += _suggest(str(value.get("kind")), tags)
+            message += suggest(str(value.get("kind")), tags)
         elif kind == "union_tag_not_found":
             message = "must be a mapping with a `kind` key"
         elif kind == "value_error":
@@ -735,5 +735,5 @@ def _explain(exc: ValidationError, root: yaml.Node, source: str) -> list[ConfigP
 
 
 def _problem(root: yaml.Node, source: str, loc: Location, message: str) -> ConfigProblem:
-    line, _ = _locate(root, loc)
+    line, _ = locate_node(root, loc)
     return ConfigProblem(source, line, format_location(loc) or None, message)

@@ -38,11 +38,11 @@ from gateway.config import (
     ConfigError,
     ConfigProblem,
     Location,
-    _compose,
-    _locate,
-    _suggest,
-    _unwrap,
+    compose_yaml,
     format_location,
+    locate_node,
+    suggest,
+    unwrap_type,
 )
 from identity.spiffe_id import SpiffeId, SpiffeIdPattern
 from policies.cel import CelCompileError, Condition, compile_condition
@@ -171,7 +171,7 @@ def load_policy_file(path: Path) -> LoadedPolicy:
 def parse_policy(text: str, source: str, name: str | None = None) -> LoadedPolicy:
     """Validate policy text. `source` names it in errors; `name` is the file name, whose stem
     must be the tenant (None: not checked)."""
-    root, data = _compose(text, source)
+    root, data = compose_yaml(text, source)
     try:
         model = TenantPolicy.model_validate(data)
     except ValidationError as exc:
@@ -269,7 +269,7 @@ class _Compiler:
                 known = [MEMBERS_GROUP, *self.groups]
                 self.problem(
                     (*loc, index),
-                    f"no group {group!r} in this file" + _suggest(group, known),
+                    f"no group {group!r} in this file" + suggest(group, known),
                 )
         return Audience(tuple(dict.fromkeys(patterns)))  # without repeats, in order
 
@@ -283,7 +283,7 @@ class _Compiler:
             return None
 
     def problem(self, loc: Location, message: str) -> None:
-        line, _ = _locate(self.root, loc)
+        line, _ = locate_node(self.root, loc)
         self.problems.append(ConfigProblem(self.source, line, rule_path(loc), message))
 
 
@@ -310,7 +310,7 @@ def _explain(exc: ValidationError, root: yaml.Node, source: str) -> list[ConfigP
         loc: Location = tuple(p for p in error["loc"] if p != "[key]")
         kind, value = error["type"], error.get("input")
         if kind == "extra_forbidden":
-            message = "unknown key" + _suggest(str(loc[-1]), _keys_of(_parent_model(loc)))
+            message = "unknown key" + suggest(str(loc[-1]), _keys_of(_parent_model(loc)))
         elif kind == "missing":
             message = "required key is missing"
         elif kind == "value_error":
@@ -319,7 +319,7 @@ def _explain(exc: ValidationError, root: yaml.Node, source: str) -> list[ConfigP
             message = error["msg"][:1].lower() + error["msg"][1:]
             if isinstance(value, str | int | float | bool) or value is None:
                 message += f" (got {value!r})"
-        line, _ = _locate(root, loc)
+        line, _ = locate_node(root, loc)
         problems.append(ConfigProblem(source, line, rule_path(loc) or None, message))
     problems.sort(key=lambda p: p.line or 0)
     return problems
@@ -330,7 +330,7 @@ def _parent_model(loc: Location) -> type[BaseModel] | None:
     tp: Any = TenantPolicy
     parent: type[BaseModel] | None = None
     for part in loc:
-        tp = _unwrap(tp)
+        tp = unwrap_type(tp)
         if isinstance(tp, type) and issubclass(tp, BaseModel):
             parent = tp
             fields = {f.alias or n: f for n, f in tp.model_fields.items()}
