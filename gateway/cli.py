@@ -27,6 +27,7 @@ from pydantic import SecretStr, ValidationError
 
 from gateway import __version__, logs, paths
 from gateway.cli_identity import register as register_identity_commands
+from gateway.cli_policy import register as register_policy_commands
 from gateway.cli_remote import register as register_remote_commands
 from gateway.sidecar.settings import SidecarSettings, is_local_address
 
@@ -483,6 +484,7 @@ def stdio(
 
 register_remote_commands(app)
 register_identity_commands(app)
+register_policy_commands(app)
 
 
 def run() -> None:

@@ -168,6 +168,10 @@ def _as_datetime(value: Any) -> datetime:
     return datetime.now(UTC)
 
 
+def _as_dict(value: Any) -> Any:
+    return value.model_dump() if hasattr(value, "model_dump") else value
+
+
 def _custom_status(raw: str | None) -> dict[str, Any]:
     if not raw:
         return {}
@@ -214,8 +218,9 @@ class Dispatcher:
             "arguments_hash": digest,
             "principal": req.principal.to_json(),
             "front_door": req.front_door,
-            "timeout_seconds": spec.timeout_seconds,
-            "retry": spec.retry.model_dump() if hasattr(spec.retry, "model_dump") else spec.retry,
+            # The policy's obligations win over the tool's own settings.
+            "timeout_seconds": obligations.get("timeout_seconds", spec.timeout_seconds),
+            "retry": obligations.get("retry") or _as_dict(spec.retry),
             "trace": req.trace_context or {},
             "approval": obligations.get("approval"),
         }

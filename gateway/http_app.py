@@ -26,7 +26,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
@@ -254,7 +254,13 @@ def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
 
     async def readyz(request: Request) -> Response:
         if await host.runtime.ready():
-            return JSONResponse({"status": "ready"})
+            body: dict[str, Any] = {"status": "ready"}
+            # Broken policy files do not make the gateway unready (the last good version of
+            # each is in force) but an operator must see them.
+            problems = getattr(host, "policy_problems", None)
+            if problems is not None and (errors := problems()):
+                body["policy_errors"] = errors
+            return JSONResponse(body)
         return JSONResponse(
             {"status": "not ready", "message": "the workflow engine does not answer"},
             status_code=503,

@@ -20,6 +20,7 @@ import logging
 import signal
 import socket
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,37 @@ import uvicorn
 from adapters.base import PreparedTool
 from gateway import paths
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.dispatch import Dispatcher
+from gateway.dispatch import AllowConfiguredTools, Dispatcher, Policy
 from gateway.http_app import build_app, build_authenticator
 from gateway.mcp_front import LiveSessions, McpFront
 from gateway.registry import Registry
 from gateway.runtime import DurableRuntime
 from gateway.stdio import local_principal, protocol_stdout, run_stdio
+from policies.evaluator import PolicyEngine
+from policies.loader import PolicyStore
 
 log = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_SECONDS = 3.0
+POLICY_REFRESH_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class LoadedPolicies:
+    """The policy the dispatcher consults: the tenant policy files of `policy.dir`, or, when
+    the config names none, every configured tool for every authenticated caller."""
+
+    engine: Policy
+    store: PolicyStore | None
+
+
+def load_policy(config: GatewayConfig) -> LoadedPolicies:
+    """Raises ConfigError when a policy file is broken at start-up: nothing starts."""
+    directory = config.policy.dir
+    if directory is None:
+        return LoadedPolicies(AllowConfiguredTools(), None)
+    store = PolicyStore.open(Path(directory), strict=True)
+    return LoadedPolicies(PolicyEngine(store), store)
 
 
 class GatewayStartError(RuntimeError):
@@ -55,6 +77,8 @@ class Gateway:
         self._runtime: DurableRuntime | None = None
         self._dispatcher: Dispatcher | None = None
         self._reload_lock = asyncio.Lock()
+        self._policy: LoadedPolicies | None = None
+        self._policy_refresh: asyncio.Task[None] | None = None
 
     @property
     def config(self) -> GatewayConfig:
@@ -87,6 +111,7 @@ class Gateway:
         not load (nothing started yet) and `GatewayStartError` if the engine does not start
         (whatever had started is stopped)."""
         registry = await asyncio.to_thread(Registry.from_config, self._config)
+        policy = await asyncio.to_thread(load_policy, self._config)
         try:
             paths.ensure_data_dir(self.data_dir)
         except paths.DataDirError as exc:
@@ -102,10 +127,30 @@ class Gateway:
             kind = self._config.engine.kind
             raise GatewayStartError(f"the workflow engine ({kind}) did not start: {exc}") from exc
         self._runtime = runtime
-        self._dispatcher = Dispatcher(registry, runtime)
+        self._dispatcher = Dispatcher(registry, runtime, policy=policy.engine)
+        self._policy = policy
+        if policy.store is not None:
+            self._policy_refresh = asyncio.create_task(self._refresh_policies(policy.store))
         log.info("gateway started: %d tool(s), data in %s", len(registry), self.data_dir)
 
+    async def _refresh_policies(self, store: PolicyStore) -> None:
+        # A changed file is validated before it replaces the one in force; a broken one keeps
+        # the last good version (its error shows in /readyz and the log).
+        while True:
+            await asyncio.sleep(POLICY_REFRESH_SECONDS)
+            try:
+                await asyncio.to_thread(store.refresh)
+            except Exception:  # noqa: BLE001 - keep refreshing; the store keeps what it had
+                log.exception("policy refresh failed")
+
+    def policy_problems(self) -> list[str]:
+        store = self._policy.store if self._policy is not None else None
+        return store.problems() if store is not None else []
+
     async def stop(self) -> None:
+        refresh, self._policy_refresh = self._policy_refresh, None
+        if refresh is not None:
+            refresh.cancel()
         runtime, self._runtime = self._runtime, None
         self._dispatcher = None
         if runtime is not None:
@@ -120,7 +165,7 @@ class Gateway:
             # A broken trust bundle refuses the whole reload, as a broken tool does.
             await asyncio.to_thread(build_authenticator, config)
             old = self._config
-            for key in ("listen", "engine", "data_dir"):
+            for key in ("listen", "engine", "data_dir", "policy"):
                 if getattr(old, key) != getattr(config, key):
                     log.warning("config reload: %r changed; it takes effect at restart", key)
             self._config = config
