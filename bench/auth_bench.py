@@ -7,7 +7,10 @@ user handed to the SDK. Cases:
 - `jwt_svid_cache_on`: a client sending the same token with every request (the usual case);
 - `jwt_svid_cache_off`: `token_cache_seconds: 0`, a full JWT-SVID verification every time;
 - `jwt_svid_first_use`: cache on, a new token each request (a miss, then an insert);
-- `anonymous`: no credentials, `allow_anonymous: true`.
+- `anonymous`: no credentials, `allow_anonymous: true`;
+- `mtls_reused_connection`: an X.509-SVID client certificate, every request on one connection
+  (the check is kept on the connection: the target is no cost beyond the first request);
+- `mtls_first_request`: the first request of each new connection (a full `verify_x509_svid`).
 
 Tokens are ES256 JWT-SVIDs from a development CA made in a temporary directory, as SPIRE issues
 by default. Prints one JSON document, times in microseconds. The issue's target: at most 150 us
@@ -28,12 +31,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from starlette.datastructures import Headers
 
 from gateway.config import IdentityConfig
 from gateway.http_app import session_user
 from identity.authenticate import VIA_ANONYMOUS, Authenticator
 from identity.dev_ca import DevCA
+from identity.tls import TlsPeer
 
 TARGET_P50_US = 150.0
 SUBJECT = "spiffe://example.org/team-a/bench"
@@ -54,9 +59,9 @@ def _scope(token: str | None) -> dict[str, Any]:
     return {"type": "http", "headers": raw}
 
 
-def _per_request(auth: Authenticator, scope: dict[str, Any]) -> None:
+def _per_request(auth: Authenticator, scope: dict[str, Any], peer: TlsPeer | None = None) -> None:
     # What McpEndpoint does before handing the request to the session manager.
-    principal = auth.authenticate_http(Headers(scope=scope))
+    principal = auth.authenticate_http(Headers(scope=scope), peer)
     if principal.via != VIA_ANONYMOUS:
         session_user(principal)
 
@@ -99,11 +104,17 @@ def run(n: int, warmup: int) -> dict[str, Any]:
         anonymous = authenticator(allow_anonymous=True)
         # Distinct tokens differ in iat/exp; issued beforehand, signing is not what we measure.
         fresh = [_scope(issue()) for _ in range(n + warmup)]
+        cert, _ = ca.issue_x509_svid(SUBJECT, timedelta(minutes=10))
+        der = cert.public_bytes(Encoding.DER)
+        connection = TlsPeer(der)
+        new_connections = [TlsPeer(der) for _ in range(n + warmup)]
         cases: dict[str, Callable[[int], None]] = {
             "jwt_svid_cache_on": lambda i: _per_request(cached, token_scope),
             "jwt_svid_cache_off": lambda i: _per_request(uncached, token_scope),
             "jwt_svid_first_use": lambda i: _per_request(cached, fresh[i]),
             "anonymous": lambda i: _per_request(anonymous, _scope(None)),
+            "mtls_reused_connection": lambda i: _per_request(cached, _scope(None), connection),
+            "mtls_first_request": lambda i: _per_request(cached, _scope(None), new_connections[i]),
         }
         results = {}
         for name, case in cases.items():
@@ -122,6 +133,10 @@ def run(n: int, warmup: int) -> dict[str, Any]:
             "cache_off": results["jwt_svid_cache_off"]["p50_us"] <= TARGET_P50_US,
         },
         "cache_speedup_p50": round(results["jwt_svid_cache_off"]["p50_us"] / p50, 1),
+        # What a reused mTLS connection adds over a request without credentials.
+        "mtls_reused_over_anonymous_p50_us": round(
+            results["mtls_reused_connection"]["p50_us"] - results["anonymous"]["p50_us"], 1
+        ),
     }
 
 

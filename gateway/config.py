@@ -162,11 +162,33 @@ def _check_address(value: str, *, unix_ok: bool) -> str:
     return value
 
 
+class TlsConfig(_Strict):
+    """TLS on the HTTP front door, with X.509-SVIDs: the gateway's own SVID files and whether
+    clients must, may or may not present theirs (`optional`: a certificate or a bearer token)."""
+
+    cert: ConfigPath
+    key: ConfigPath
+    client_certs: Literal["none", "optional", "required"] = "optional"
+    # The local trust domain, whose bundle (identity.bundles) verifies client chains in the TLS
+    # layer; identity.trust_domain when left out. Federated callers use JWT-SVIDs.
+    ca_bundle_domain: str | None = None
+    # How often the cert, key and bundle files are checked for a change (one stat each, on a
+    # new handshake): a rotated certificate is served without a restart.
+    reload_seconds: float = Field(default=5.0, gt=0, le=3600)
+
+    @field_validator("ca_bundle_domain")
+    @classmethod
+    def _ca_domain(cls, value: str | None) -> str | None:
+        return None if value is None else _trust_domain(value)
+
+
 class ListenConfig(_Strict):
-    """Where the gateway's HTTP front doors listen."""
+    """Where the gateway's HTTP front doors listen, and with which TLS settings (plain HTTP
+    without `tls`)."""
 
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=8770, ge=0, le=65535)
+    tls: TlsConfig | None = None
 
 
 class EmbeddedEngineConfig(_Strict):

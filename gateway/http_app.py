@@ -10,8 +10,9 @@ When the gateway listens on loopback, `/mcp` checks `Host` and `Origin` against 
 Origin 403 (as the 2025-11-25 transport spec asks).
 
 Every request to `/mcp` is authenticated on its own (`identity.authenticate.Authenticator`), not
-only the one that opens a session: the principal goes into the request's scope, where the MCP
-front door reads it. A refused caller gets 401 with an RFC 6750 challenge
+only the one that opens a session (over TLS, a client certificate is checked once per connection
+and the result kept on it: `identity.tls.TlsPeer`): the principal goes into the request's scope,
+where the MCP front door reads it. A refused caller gets 401 with an RFC 6750 challenge
 (`WWW-Authenticate: Bearer realm="duragate", error=..., error_description=...`) and the reason in
 a JSON body, or 403 when it is known but belongs to no tenant; nothing reaches the session.
 A session stays bound to the caller that opened it (the SDK compares `scope["user"]`): another
@@ -44,6 +45,7 @@ from gateway.mcp_front import PRINCIPAL_SCOPE_KEY, McpFront
 from identity.authenticate import VIA_ANONYMOUS, AuthenticationError, Authenticator
 from identity.bundle import BundleError
 from identity.principal import Principal
+from identity.tls import peer_of
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +220,7 @@ class McpEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            principal = self.authenticator.authenticate_http(Headers(scope=scope))
+            principal = self.authenticator.authenticate_http(Headers(scope=scope), peer_of(scope))
         except AuthenticationError as exc:
             client = scope.get("client") or ("?", 0)
             log.info(

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from adapters.base import PreparedTool
 from gateway import paths
@@ -35,6 +36,7 @@ from gateway.mcp_front import LiveSessions, McpFront
 from gateway.registry import Registry
 from gateway.runtime import DurableRuntime
 from gateway.stdio import local_principal, protocol_stdout, run_stdio
+from identity.tls import PEER_KEY, TLS_EXTENSION, ServerTls, peer_from_transport
 from policies.evaluator import PolicyEngine
 from policies.loader import PolicyStore
 
@@ -235,6 +237,45 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
+def _with_peer(app: Any, tls: dict[str, Any]) -> Any:
+    async def with_peer(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope["extensions"] = {**(scope.get("extensions") or {}), TLS_EXTENSION: tls}
+        await app(scope, receive, send)
+
+    return with_peer
+
+
+class _PeerHttpMixin:
+    """Reads the TLS peer once per connection (asyncio has finished the handshake before
+    `connection_made`) and adds it to every request's `scope["extensions"]["tls"]`: uvicorn
+    itself never hands the client certificate to the app. The app is wrapped per connection
+    because h11 builds each request's scope inline, with no hook to extend it."""
+
+    app: Any
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self.app = _with_peer(self.app, {PEER_KEY: peer_from_transport(transport)})
+
+
+class _PeerH11Protocol(_PeerHttpMixin, H11Protocol):
+    pass
+
+
+def _peer_protocol() -> type[asyncio.Protocol]:
+    # The protocol uvicorn's "auto" would pick: httptools when installed, else h11.
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return _PeerH11Protocol
+
+    class _PeerHttpToolsProtocol(_PeerHttpMixin, HttpToolsProtocol):
+        pass
+
+    return _PeerHttpToolsProtocol
+
+
 async def serve(
     config: GatewayConfig,
     data_dir: Path,
@@ -247,6 +288,8 @@ async def serve(
     with the MCP endpoint's URL once it accepts requests (useful with port 0)."""
     host = host or config.listen.host
     port = config.listen.port if port is None else port
+    # Before binding: TLS files that do not load stop the start, named in the config file.
+    tls = ServerTls.from_config(config)
     sock = _listen(host, port)
     gateway = Gateway(config, data_dir)
     try:
@@ -257,6 +300,13 @@ async def serve(
     try:
         front = McpFront(gateway, gateway.sessions, front_door="mcp-http")
         app = build_app(gateway, front, host)
+        tls_settings: dict[str, Any] = {}
+        if tls is not None:
+            context = tls.context
+            tls_settings = {
+                "ssl_context_factory": lambda *_: context,
+                "http": _peer_protocol(),
+            }
         server = _Uvicorn(
             uvicorn.Config(
                 app,
@@ -264,11 +314,13 @@ async def serve(
                 log_config=None,
                 access_log=False,
                 timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_SECONDS),
+                **tls_settings,
             )
         )
         bound_port = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
-        url = f"http://{shown}:{bound_port}/mcp"
+        scheme = "https" if tls is not None else "http"
+        url = f"{scheme}://{shown}:{bound_port}/mcp"
         with _reload_on_sighup(gateway, config):
             task = asyncio.ensure_future(server.serve(sockets=[sock]))
             try:

@@ -1,7 +1,14 @@
-"""Who is calling, from an HTTP request: JWT-SVID bearer tokens, or the anonymous principal.
+"""Who is calling, from an HTTP request: an X.509-SVID client certificate (mTLS), a JWT-SVID
+bearer token, or the anonymous principal.
 
-    authenticator = Authenticator(config.identity)       # loads the trust bundles
-    principal = authenticator.authenticate_http(headers)  # or AuthenticationError
+    authenticator = Authenticator(config.identity)             # loads the trust bundles
+    principal = authenticator.authenticate_http(headers, peer)  # or AuthenticationError
+
+- A client certificate (`peer`, the connection's `identity.tls.TlsPeer`): the leaf is checked
+  with `verify_x509_svid` against the bundle of its SPIFFE ID's own trust domain (the TLS layer
+  has already checked the chain against the local trust domain's); the caller is
+  `Principal(id, tenant, via="x509-svid")`. The result is kept on the connection, so only its
+  first request pays for it, until the certificate expires or a bundle changes.
 
 - `Authorization: Bearer <JWT-SVID>`: verified against the bundle of the token's own trust
   domain (`verify_jwt_svid`), for the configured audience; the caller is
@@ -33,16 +40,22 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+
+from cryptography import x509
 
 from gateway.config import IdentityConfig
 from identity.bundle import BundleSet
 from identity.jwt_svid import JwtSvid, JwtSvidError, verify_jwt_svid
 from identity.principal import Principal
 from identity.tenants import NoTenantError, TenantRules
+from identity.tls import TlsPeer
+from identity.x509_svid import X509Svid, X509SvidError, authorities_in, verify_x509_svid
 
 log = logging.getLogger(__name__)
 
 VIA_JWT_SVID = "jwt-svid"
+VIA_X509_SVID = "x509-svid"
 VIA_ANONYMOUS = "anonymous"
 # Enough for every workload of a busy gateway; only verified tokens get in, so a caller without
 # a valid token cannot fill it.
@@ -162,6 +175,10 @@ class Authenticator:
         )
         self._refresh_seconds = config.bundle_refresh_seconds
         self._cache = TokenCache(config.token_cache_seconds)
+        self._authorities_for = authorities_in(self._bundles)
+        # Bumped whenever a bundle changes: a certificate checked under older bundles (kept on
+        # its connection) is checked again.
+        self._generation = 0
         now = clock()
         self._next_check = now + self._check_interval()
         self._last_forced = -math.inf
@@ -176,12 +193,30 @@ class Authenticator:
 
     # -- the entry points --------------------------------------------------------------------
 
-    def authenticate_http(self, headers: Mapping[str, str]) -> Principal:
-        """The principal of an HTTP request (its headers), or `AuthenticationError`."""
+    def authenticate_http(
+        self, headers: Mapping[str, str], peer: TlsPeer | None = None
+    ) -> Principal:
+        """The principal of an HTTP request (its headers, and the TLS peer of its connection),
+        or `AuthenticationError`."""
         now = self._clock()
         if now >= self._next_check:
             self.refresh(now)
         token = bearer_token(headers)
+        if peer is not None and peer.der is not None:
+            principal = self.authenticate_x509_svid(peer, now)
+            if token is not None:
+                # The certificate identifies the peer. A token for someone else would be an
+                # agent acting for that someone: delegation, checked through the token's `act`
+                # claim, is a later step; until then such a request is refused, not guessed at.
+                claimed = self.authenticate_jwt_svid(token, now)
+                if claimed.id != principal.id:
+                    raise AuthenticationError(
+                        401,
+                        f"the bearer token's subject ({claimed.id}) is not the client "
+                        f"certificate's SPIFFE ID ({principal.id}); acting for another caller "
+                        "(delegation) is not supported yet",
+                    )
+            return principal
         if token is None:
             return self.anonymous()
         return self.authenticate_jwt_svid(token, now)
@@ -196,8 +231,9 @@ class Authenticator:
             )
         else:
             reason = (
-                "no credentials: send 'Authorization: Bearer <JWT-SVID>' (anonymous callers are "
-                "refused: identity.allow_anonymous is false)"
+                "no credentials: present an X.509-SVID client certificate or send "
+                "'Authorization: Bearer <JWT-SVID>' (anonymous callers are refused: "
+                "identity.allow_anonymous is false)"
             )
         raise AuthenticationError(401, reason, error=None)
 
@@ -218,6 +254,63 @@ class Authenticator:
         self._cache.put(key, principal, float(svid.claims["exp"]), now)
         return principal
 
+    def authenticate_x509_svid(self, peer: TlsPeer, now: float | None = None) -> Principal:
+        """The principal a connection's client certificate proves. Kept on the connection
+        (`peer`), refusals too, so a request after the first costs a few attribute reads."""
+        now = self._clock() if now is None else now
+        fresh = peer.checked_by is self and peer.generation == self._generation
+        if not (fresh and now < peer.expires_at):
+            result, expires_at = self._check_peer(peer, now)
+            peer.checked_by, peer.generation = self, self._generation
+            peer.result, peer.expires_at = result, expires_at
+        result = peer.result
+        if isinstance(result, AuthenticationError):
+            # A new exception each time: re-raising one instance would grow its traceback.
+            raise AuthenticationError(result.status, result.reason, result.error)
+        assert isinstance(result, Principal)
+        return result
+
+    def _check_peer(
+        self, peer: TlsPeer, now: float
+    ) -> tuple[Principal | AuthenticationError, float]:
+        """(principal or refusal, until when to keep it)."""
+        # A refusal is kept briefly only: the bundle may be about to change.
+        retry_at = now + FORCED_REFRESH_GAP_SECONDS
+        try:
+            svid = self._verify_certificate(peer.der or b"", now)
+        except AuthenticationError as exc:
+            return exc, retry_at
+        try:
+            tenant = self._tenants.tenant_of(svid.spiffe_id)
+        except NoTenantError as exc:
+            return AuthenticationError(403, str(exc), error=None), retry_at
+        principal = Principal(id=str(svid.spiffe_id), tenant=tenant, via=VIA_X509_SVID)
+        # Never past the earliest notAfter of the chain.
+        return principal, svid.expires_at.timestamp()
+
+    def _verify_certificate(self, der: bytes, now: float) -> X509Svid:
+        try:
+            leaf = x509.load_der_x509_certificate(der)
+        except ValueError as exc:
+            raise AuthenticationError(
+                401, f"the client certificate cannot be parsed: {exc}"
+            ) from None
+        when = datetime.fromtimestamp(now, UTC)
+        # The leaf alone: Python 3.11 does not expose the chain the TLS layer verified. It is
+        # checked against the bundle of its own SPIFFE ID's trust domain, never a merged one.
+        try:
+            return verify_x509_svid([leaf], self._authorities_for, when, usage="client")
+        except X509SvidError as exc:
+            first = exc
+        if now - self._last_forced >= FORCED_REFRESH_GAP_SECONDS:
+            self._last_forced = now
+            if self.refresh(now):
+                try:
+                    return verify_x509_svid([leaf], self._authorities_for, when, usage="client")
+                except X509SvidError as exc:
+                    first = exc
+        raise AuthenticationError(401, f"the client certificate is refused: {first}")
+
     # -- bundles -----------------------------------------------------------------------------
 
     def refresh(self, now: float | None = None) -> list[str]:
@@ -227,6 +320,7 @@ class Authenticator:
         if changed:
             # Tokens verified with a key that may just have been withdrawn must be checked again.
             self._cache.clear()
+            self._generation += 1
             log.info("trust bundle(s) reloaded: %s", ", ".join(changed))
         self._next_check = now + self._check_interval()
         return changed
