@@ -29,6 +29,7 @@ from gateway.runtime import DurableRuntime
 from gateway.sidecar.protos import pb
 from gateway.workflow import APPROVAL_EVENT, WORKFLOW_NAME, failure
 from identity.principal import Principal
+from policies.limits import Admission, LimitExceeded, call_hold_seconds
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ TERMINAL_STATUSES = {"COMPLETED", "FAILED", "TERMINATED", "CANCELED"}
 
 class DispatchError(Exception):
     """A call refused before it ran, or a task that cannot be shown. `code` is one of:
-    unknown_tool, invalid_arguments, idempotency_conflict, denied, not_found, not_waiting,
-    unavailable."""
+    unknown_tool, invalid_arguments, idempotency_conflict, denied, limited, not_found,
+    not_waiting, unavailable."""
 
     def __init__(self, code: str, message: str, data: Any = None) -> None:
         super().__init__(message)
@@ -192,6 +193,8 @@ class Dispatcher:
     policy: Policy = field(default_factory=AllowConfiguredTools)
     audit: Audit = field(default_factory=LogAudit)
     status_interval: float = 1.0
+    # Rate, concurrency and budget obligations; a call without them costs a few dict lookups.
+    admission: Admission = field(default_factory=Admission)
 
     def tools_for(self, principal: Principal) -> list[Any]:
         """The tools this principal may see (list time)."""
@@ -226,13 +229,58 @@ class Dispatcher:
         }
         if req.idempotency_key:
             task_id = idempotent_task_id(req.principal, req.tool, req.idempotency_key)
-            replay = await self._start_idempotent(task_id, call, digest)
-            if replay is not None:
-                self.audit.record("replayed", req.principal, req.tool, task=task_id)
-                return replay
         else:
             task_id = secrets.token_hex(16)  # unguessable: the task id is a capability
-            await self._schedule(task_id, call)
+        try:
+            ticket = self.admission.admit(
+                req.principal.tenant,
+                req.principal.id,
+                req.tool,
+                obligations,
+                hold_seconds=call_hold_seconds(call),
+            )
+        except LimitExceeded as exc:
+            # A replay spends nothing, so no limit refuses it: show the stored call (a key
+            # reused with other arguments is a conflict, whatever the limits say).
+            state = None
+            if req.idempotency_key:
+                state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
+            if state is not None:
+                stored = json.loads(state.serialized_input or "{}")
+                if stored.get("arguments_hash") != digest:
+                    raise DispatchError(
+                        "idempotency_conflict",
+                        "this idempotency key was already used for a call with different "
+                        "arguments; use a new key for a different call",
+                    ) from None
+                view = self._view(task_id, state, stored)
+                view.replayed = True
+                self.audit.record("replayed", req.principal, req.tool, task=task_id)
+                return view
+            self.audit.record(
+                "limited",
+                req.principal,
+                req.tool,
+                limit=exc.limit,
+                retry_after_seconds=exc.retry_after_seconds,
+            )
+            data = {"limit": exc.limit, "retry_after_seconds": exc.retry_after_seconds}
+            raise DispatchError("limited", exc.message, data) from None
+        try:
+            if req.idempotency_key:
+                replay = await self._start_idempotent(task_id, call, digest)
+            else:
+                replay = None
+                await self._schedule(task_id, call)
+        except BaseException:
+            ticket.refund()  # nothing was started: the call spent nothing
+            raise
+        if replay is not None:
+            ticket.refund()  # a replay runs nothing
+            self.audit.record("replayed", req.principal, req.tool, task=task_id)
+            return replay
+        # Released when a wait/get/list/cancel sees the call end, or at the ticket's expiry.
+        self.admission.bind(task_id, ticket)
         self.audit.record("scheduled", req.principal, req.tool, task=task_id)
         now = datetime.now(UTC)
         return CallView(task_id, req.tool, CallState.WORKING, now, now, f"running {req.tool}")
@@ -300,7 +348,10 @@ class Dispatcher:
 
     async def get(self, task_id: str, principal: Principal) -> CallView:
         state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
-        return self._owned_view(task_id, state, principal)
+        view = self._owned_view(task_id, state, principal)
+        if view.terminal:
+            self.admission.release(task_id)  # frees the concurrency slot of a task call
+        return view
 
     def _owned_view(self, task_id: str, state: Any, principal: Principal) -> CallView:
         if state is None or state.name != WORKFLOW_NAME:
@@ -359,6 +410,7 @@ class Dispatcher:
         the view `submit` just returned for this principal: it spares a read of the task."""
         view = known if known is not None else await self.get(task_id, principal)
         if view.terminal:
+            self.admission.release(task_id)
             return view
         client = self.runtime.client
         completion = asyncio.ensure_future(
@@ -377,7 +429,10 @@ class Dispatcher:
             state = await client.get_workflow_state(task_id, fetch_payloads=True)
         finally:
             completion.cancel()
-        return self._owned_view(task_id, state, principal)
+        view = self._owned_view(task_id, state, principal)
+        if view.terminal:
+            self.admission.release(task_id)  # plain calls: the front door's wait ends them
+        return view
 
     async def _follow(
         self,
@@ -447,6 +502,7 @@ class Dispatcher:
             return view
         output = failure("cancelled", f"cancelled by {principal.id}")
         await self.runtime.client.terminate_workflow(task_id, output=output, recursive=True)
+        self.admission.release(task_id)  # terminated: its slot is free whatever happens next
         self.audit.record("cancelled", principal, view.tool, task=task_id)
         for _ in range(50):
             view = await self.get(task_id, principal)
@@ -468,9 +524,12 @@ class Dispatcher:
             for task_id in page.instance_ids:
                 state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
                 try:
-                    views.append(self._owned_view(task_id, state, principal))
+                    view = self._owned_view(task_id, state, principal)
                 except DispatchError:
                     continue
+                if view.terminal:
+                    self.admission.release(task_id)
+                views.append(view)
                 if len(views) >= limit:
                     return views, task_id
             token = page.continuation_token

@@ -106,6 +106,16 @@ def dispatch_error(exc: DispatchError) -> McpError:
         return protocol_error(DENIED, exc.message, data)
     if exc.code == "unavailable":
         return protocol_error(types.INTERNAL_ERROR, exc.message, data)
+    if exc.code == "limited":
+        # -32004: implementation-defined, next to DENIED. The retry time sits at the top of
+        # `data` so clients need not dig into details to back off.
+        limited = exc.data or {}
+        data = {
+            "type": "limited",
+            "limit": limited.get("limit"),
+            "retry_after_seconds": limited.get("retry_after_seconds"),
+        }
+        return protocol_error(-32004, exc.message, data)
     # unknown_tool, invalid_arguments, idempotency_conflict, not_found
     return protocol_error(types.INVALID_PARAMS, exc.message, data)
 
