@@ -519,19 +519,24 @@ class GatewayConfig(_Strict):
 # loading
 
 
-def load_config(path: Path) -> GatewayConfig:
-    """Read and validate a config file; relative paths in it are taken from its directory."""
+def read_text_file(path: Path, what: str) -> str:
+    """The text of a configuration file (`what`: "config", "policy", ...), or a ConfigError
+    saying why it cannot be read."""
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError.at(source, None, None, "no such config file") from None
+        raise ConfigError.at(source, None, None, f"no such {what} file") from None
     except UnicodeDecodeError as exc:
         raise ConfigError.at(source, None, None, f"not UTF-8 text ({exc.reason})") from None
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError.at(source, None, None, f"cannot read: {reason}") from None
-    return parse_config(text, source, path.parent)
+
+
+def load_config(path: Path) -> GatewayConfig:
+    """Read and validate a config file; relative paths in it are taken from its directory."""
+    return parse_config(read_text_file(path, "config"), str(path), path.parent)
 
 
 def parse_config(text: str, source: str, base_dir: Path) -> GatewayConfig:

@@ -41,6 +41,7 @@ from gateway.config import (
     compose_yaml,
     format_location,
     locate_node,
+    read_text_file,
     suggest,
     unwrap_type,
 )
@@ -156,16 +157,7 @@ class LoadedPolicy:
 
 def load_policy_file(path: Path) -> LoadedPolicy:
     """Read, validate and compile one `<tenant>.yaml`; raise ConfigError naming file and line."""
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError.at(source, None, None, "no such policy file") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError.at(source, None, None, f"not UTF-8 text ({exc.reason})") from None
-    except OSError as exc:
-        raise ConfigError.at(source, None, None, f"cannot read: {exc.strerror or exc}") from None
-    return parse_policy(text, source, path.name)
+    return parse_policy(read_text_file(path, "policy"), str(path), path.name)
 
 
 def parse_policy(text: str, source: str, name: str | None = None) -> LoadedPolicy:
