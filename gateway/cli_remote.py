@@ -8,6 +8,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Annotated, Any, TypeVar
 
+import httpx
 import typer
 from mcp import types
 from rich.console import Console
@@ -137,6 +138,75 @@ def tasks_cancel(
     print(f"{task.taskId}: {task.status}")
 
 
+approvals_app = typer.Typer(
+    help="Calls waiting for a person's approval, on a running gateway.", no_args_is_help=True
+)
+TOKEN_OPTION = typer.Option(
+    "--token", envvar="DURAGATE_TOKEN", help="A bearer token (JWT-SVID) identifying you."
+)
+
+
+def _approvals_request(url: str, token: str | None, method: str, path: str, **kw: Any) -> Any:
+    base = url.removesuffix("/mcp").rstrip("/")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.request(method, f"{base}{path}", headers=headers, timeout=30, **kw)
+    except httpx.HTTPError as exc:
+        err.print(f"[red]error:[/] cannot reach a gateway at {base}: {exc}")
+        raise typer.Exit(1) from None
+    body = (
+        response.json()
+        if response.headers.get("content-type", "").startswith("application/json")
+        else {}
+    )
+    if response.status_code != 200:
+        err.print(f"[red]error:[/] {body.get('message') or response.text}")
+        raise typer.Exit(1)
+    return body
+
+
+@approvals_app.command("list")
+def approvals_list(
+    url: Annotated[str, URL_OPTION] = remote.DEFAULT_URL,
+    token: Annotated[str | None, TOKEN_OPTION] = None,
+) -> None:
+    """The calls you may approve."""
+    body = _approvals_request(url, token, "GET", "/approvals")
+    table = Table("task", "tool", "waiting since", "message")
+    for a in body["approvals"]:
+        table.add_row(a["task_id"], a["tool"], a["created_at"], a["message"] or "")
+    out.print(table)
+
+
+def _decide(url: str, token: str | None, task_id: str, approve: bool, reason: str) -> None:
+    path = f"/approvals/{task_id}"
+    _approvals_request(url, token, "POST", path, json={"approve": approve, "reason": reason})
+    print(f"{task_id}: {'approved' if approve else 'denied'}")
+
+
+@approvals_app.command("approve")
+def approvals_approve(
+    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    reason: Annotated[str, typer.Option("--reason")] = "",
+    url: Annotated[str, URL_OPTION] = remote.DEFAULT_URL,
+    token: Annotated[str | None, TOKEN_OPTION] = None,
+) -> None:
+    """Approve a waiting call: it runs."""
+    _decide(url, token, task_id, True, reason)
+
+
+@approvals_app.command("deny")
+def approvals_deny(
+    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    reason: Annotated[str, typer.Option("--reason", help="Told to the caller.")],
+    url: Annotated[str, URL_OPTION] = remote.DEFAULT_URL,
+    token: Annotated[str | None, TOKEN_OPTION] = None,
+) -> None:
+    """Deny a waiting call: it fails with your reason."""
+    _decide(url, token, task_id, False, reason)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(call)
     app.add_typer(tasks_app, name="tasks")
+    app.add_typer(approvals_app, name="approvals")

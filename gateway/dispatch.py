@@ -11,6 +11,7 @@ keep no task state of their own.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 import json
 import logging
@@ -536,3 +537,31 @@ class Dispatcher:
             if not token:
                 return views, None
         return views, token
+
+    async def pending_approvals(
+        self, approver: Principal, limit: int = 100
+    ) -> builtins.list[CallView]:  # `list` is the method above, in this class
+        """Calls waiting for an approval that `approver` may give (bounded work)."""
+        views: builtins.list[CallView] = []
+        token: str | None = None
+        for _ in range(20):
+            page = await self.runtime.client.list_workflow_instance_ids(
+                page_size=100, continuation_token=token
+            )
+            for task_id in page.instance_ids:
+                state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
+                if state is None or state.name != WORKFLOW_NAME:
+                    continue
+                call = json.loads(state.serialized_input or "{}")
+                view = self._view(task_id, state, call)
+                if view.state != CallState.INPUT_REQUIRED:
+                    continue
+                if not self.policy.may_approve(approver, view.tool, call.get("principal", {})):
+                    continue
+                views.append(view)
+                if len(views) >= limit:
+                    return views
+            token = page.continuation_token
+            if not token:
+                break
+        return views

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
-from mcp.server.transport_security import TransportSecuritySettings
+from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -41,6 +41,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.config import ConfigError, GatewayConfig, IdentityConfig
+from gateway.dispatch import Dispatcher, DispatchError
 from gateway.mcp_front import PRINCIPAL_SCOPE_KEY, McpFront
 from identity.authenticate import VIA_ANONYMOUS, AuthenticationError, Authenticator
 from identity.bundle import BundleError
@@ -69,6 +70,9 @@ class HttpHost(Protocol):
 
     @property
     def runtime(self) -> ReadyProbe: ...
+
+    @property
+    def dispatcher(self) -> Dispatcher: ...
 
 
 def is_loopback(host: str) -> bool:
@@ -239,6 +243,66 @@ class McpEndpoint:
         await self.manager.handle_request(scope, receive, send)
 
 
+class ApprovalsEndpoint:
+    """`/approvals` (GET: the calls the caller may approve) and `/approvals/{task_id}` (POST
+    `{"approve": bool, "reason": str}`). Callers are authenticated exactly as on `/mcp`; the
+    policy decides who may approve what, and anyone else sees no such call."""
+
+    def __init__(self, host: HttpHost, mcp: McpEndpoint, listen_host: str) -> None:
+        self.host = host
+        self.mcp = mcp
+        # The same Host/Origin checks as /mcp: on loopback a web page must not be able to
+        # approve calls through DNS rebinding.
+        self.security = TransportSecurityMiddleware(transport_security(listen_host))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        refused = await self.security.validate_request(request, is_post=request.method == "POST")
+        if refused is not None:
+            await refused(scope, receive, send)
+            return
+        try:
+            approver = self.mcp.authenticator.authenticate_http(
+                Headers(scope=scope), peer_of(scope)
+            )
+        except AuthenticationError as exc:
+            await refusal(exc)(scope, receive, send)
+            return
+        dispatcher = self.host.dispatcher
+        task_id = scope.get("path_params", {}).get("task_id")
+        if task_id is None:
+            pending = await dispatcher.pending_approvals(approver)
+            body = [
+                {
+                    "task_id": v.task_id,
+                    "tool": v.tool,
+                    "message": v.message,
+                    "created_at": v.created_at.isoformat(),
+                }
+                for v in pending
+            ]
+            await JSONResponse({"approvals": body})(scope, receive, send)
+            return
+        try:
+            decision = await request.json()
+            approve = decision["approve"]
+            if not isinstance(approve, bool):
+                raise TypeError("approve must be true or false")
+            reason = str(decision.get("reason", ""))
+        except (ValueError, KeyError, TypeError) as exc:
+            message = f'send {{"approve": true|false, "reason": "..."}} ({exc})'
+            await _json_error(400, "bad_request", message)(scope, receive, send)
+            return
+        try:
+            view = await dispatcher.decide(task_id, approver, approve, reason)
+        except DispatchError as exc:
+            status = 404 if exc.code == "not_found" else 409
+            await _json_error(status, exc.code, exc.message)(scope, receive, send)
+            return
+        answer = {"task_id": view.task_id, "tool": view.tool, "approved": approve}
+        await JSONResponse(answer)(scope, receive, send)
+
+
 def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
     """The ASGI app of one gateway. `front` is the MCP server for this transport."""
     manager = StreamableHTTPSessionManager(
@@ -250,6 +314,8 @@ def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
         # manager's own limit must not be the lower one.
         max_request_body_size=1 << 30,
     )
+    mcp = McpEndpoint(host, manager)
+    approvals = ApprovalsEndpoint(host, mcp, listen_host)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -275,7 +341,9 @@ def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
 
     app = Starlette(
         routes=[
-            Route("/mcp", McpEndpoint(host, manager)),
+            Route("/mcp", mcp),
+            Route("/approvals", approvals, methods=["GET"]),
+            Route("/approvals/{task_id}", approvals, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ],
