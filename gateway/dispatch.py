@@ -247,15 +247,7 @@ class Dispatcher:
             if req.idempotency_key:
                 state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
             if state is not None:
-                stored = json.loads(state.serialized_input or "{}")
-                if stored.get("arguments_hash") != digest:
-                    raise DispatchError(
-                        "idempotency_conflict",
-                        "this idempotency key was already used for a call with different "
-                        "arguments; use a new key for a different call",
-                    ) from None
-                view = self._view(task_id, state, stored)
-                view.replayed = True
+                view = self._replay(task_id, state, digest)
                 self.audit.record("replayed", req.principal, req.tool, task=task_id)
                 return view
             self.audit.record(
@@ -336,6 +328,11 @@ class Dispatcher:
         state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
         if state is None:  # purged between the two calls: start again
             return await self._start_idempotent(task_id, call, digest)
+        return self._replay(task_id, state, digest)
+
+    def _replay(self, task_id: str, state: Any, digest: str) -> CallView:
+        """The stored call under an idempotency key: replayed if its arguments are the same,
+        refused if they differ."""
         stored = json.loads(state.serialized_input or "{}")
         if stored.get("arguments_hash") != digest:
             raise DispatchError(
@@ -343,7 +340,7 @@ class Dispatcher:
                 "this idempotency key was already used for a call with different arguments; "
                 "use a new key for a different call",
             )
-        view = self._view(task_id, state)
+        view = self._view(task_id, state, stored)
         view.replayed = True
         return view
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# Imported now, not at the end of the session: hypothesis's pytest plugin imports it while
+# printing the summary, pytest's assertion rewriting then parses it with ast, and there (with
+# other threads still running) CPython 3.11.7 sometimes fails with "AST constructor recursion
+# depth mismatch": seen about once in twelve runs, turning a green run red.
+import hypothesis  # noqa: F401
 import pytest
 
 # Settings read from the environment by the `duragate` CLI. A developer's own values must not
@@ -12,6 +17,8 @@ _DURAGATE_ENV = (
     "DURAGATE_LOG_FORMAT",
     "DURAGATE_CONFIG",
     "DURAGATE_HEALTH_LISTEN",
+    "DURAGATE_URL",
+    "DURAGATE_TOKEN",
 )
 
 
