@@ -20,7 +20,7 @@ import difflib
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -561,7 +561,7 @@ def parse_config(text: str, source: str, base_dir: Path) -> GatewayConfig:
     try:
         config = GatewayConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, root, source)) from None
+        raise ConfigError(explain_validation(exc, root, source, GatewayConfig)) from None
     config._source = source
     config._root = root
     return config
@@ -705,13 +705,16 @@ def _union_member(tp: Any, tag: str) -> type[BaseModel] | None:
     return None
 
 
-def _model_path(loc: Location) -> tuple[Location, type[BaseModel] | None]:
-    """Follow `loc` through the model types: the location as the file spells it (without the
-    tags pydantic adds for tagged unions), and the model that holds the last key."""
-    tp: Any = GatewayConfig
+def _model_path(loc: Location, model: type[BaseModel]) -> tuple[Location, type[BaseModel] | None]:
+    """Follow `loc` through the types of `model`: the location as the file spells it (without
+    the tags pydantic adds for tagged unions, or its `[key]` marks on bad dict keys), and the
+    model that holds the last key."""
+    tp: Any = model
     clean: list[str | int] = []
     parent: type[BaseModel] | None = None
     for part in loc:
+        if part == "[key]":
+            continue  # a bad dict key: the key itself is the place
         tp = unwrap_type(tp)
         if isinstance(part, str) and (member := _union_member(tp, part)) is not None:
             tp = member
@@ -719,7 +722,8 @@ def _model_path(loc: Location) -> tuple[Location, type[BaseModel] | None]:
         clean.append(part)
         if isinstance(tp, type) and issubclass(tp, BaseModel):
             parent = tp
-            field = tp.model_fields.get(str(part))
+            fields = {f.alias or n: f for n, f in tp.model_fields.items()}
+            field = fields.get(str(part))
             tp = field.annotation if field is not None else None
         else:
             parent = None
@@ -733,13 +737,26 @@ def suggest(word: str, candidates: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _explain(exc: ValidationError, root: yaml.Node, source: str) -> list[ConfigProblem]:
+def _problem(root: yaml.Node, source: str, loc: Location, message: str) -> ConfigProblem:
+    line, _ = locate_node(root, loc)
+    return ConfigProblem(source, line, format_location(loc) or None, message)
+
+
+def explain_validation(
+    exc: ValidationError,
+    root: yaml.Node,
+    source: str,
+    model: type[BaseModel],
+    key_path: Callable[[Location], str] = format_location,
+) -> list[ConfigProblem]:
+    """pydantic's errors for `model`, each placed on the file at its line, with `key_path`
+    spelling the key (gateway.yaml and policy files share this)."""
     problems = []
     for error in exc.errors():
-        loc, parent = _model_path(tuple(error["loc"]))
+        loc, parent = _model_path(tuple(error["loc"]), model)
         kind, value = error["type"], error.get("input")
         if kind == "extra_forbidden":
-            fields = list(parent.model_fields) if parent else []
+            fields = [f.alias or n for n, f in parent.model_fields.items()] if parent else []
             message = "unknown key" + suggest(str(loc[-1]), fields)
         elif kind == "missing":
             message = "required key is missing"
@@ -756,11 +773,7 @@ def _explain(exc: ValidationError, root: yaml.Node, source: str) -> list[ConfigP
             message = error["msg"][:1].lower() + error["msg"][1:]
             if isinstance(value, str | int | float | bool) or value is None:
                 message += f" (got {value!r})"
-        problems.append(_problem(root, source, loc, message))
+        line, _ = locate_node(root, loc)
+        problems.append(ConfigProblem(source, line, key_path(loc) or None, message))
     problems.sort(key=lambda p: p.line or 0)
     return problems
-
-
-def _problem(root: yaml.Node, source: str, loc: Location, message: str) -> ConfigProblem:
-    line, _ = locate_node(root, loc)
-    return ConfigProblem(source, line, format_location(loc) or None, message)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 # Private helpers of gateway.config, reused so both kinds of file report errors the same way.
 from gateway.config import (
@@ -39,11 +38,11 @@ from gateway.config import (
     ConfigProblem,
     Location,
     compose_yaml,
+    explain_validation,
     format_location,
     locate_node,
     read_text_file,
     suggest,
-    unwrap_type,
 )
 from identity.spiffe_id import SpiffeId, SpiffeIdPattern
 from policies.cel import CelCompileError, Condition, compile_condition
@@ -167,7 +166,9 @@ def parse_policy(text: str, source: str, name: str | None = None) -> LoadedPolic
     try:
         model = TenantPolicy.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, root, source)) from None
+        raise ConfigError(
+            explain_validation(exc, root, source, TenantPolicy, key_path=rule_path)
+        ) from None
     return _Compiler(model, root, source, name).run()
 
 
@@ -292,51 +293,6 @@ def rule_path(loc: Location) -> str:
 def _shorten(text: str, limit: int = 60) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
-def _explain(exc: ValidationError, root: yaml.Node, source: str) -> list[ConfigProblem]:
-    """pydantic's errors placed on the file (gateway.config._explain is tied to GatewayConfig)."""
-    problems = []
-    for error in exc.errors():
-        # A bad dict key comes as (..., key, "[key]"): the key itself is the place.
-        loc: Location = tuple(p for p in error["loc"] if p != "[key]")
-        kind, value = error["type"], error.get("input")
-        if kind == "extra_forbidden":
-            message = "unknown key" + suggest(str(loc[-1]), _keys_of(_parent_model(loc)))
-        elif kind == "missing":
-            message = "required key is missing"
-        elif kind == "value_error":
-            message = error["msg"].removeprefix("Value error, ")
-        else:
-            message = error["msg"][:1].lower() + error["msg"][1:]
-            if isinstance(value, str | int | float | bool) or value is None:
-                message += f" (got {value!r})"
-        line, _ = locate_node(root, loc)
-        problems.append(ConfigProblem(source, line, rule_path(loc) or None, message))
-    problems.sort(key=lambda p: p.line or 0)
-    return problems
-
-
-def _parent_model(loc: Location) -> type[BaseModel] | None:
-    """The model that holds the last key of `loc`, following fields, dict values, list items."""
-    tp: Any = TenantPolicy
-    parent: type[BaseModel] | None = None
-    for part in loc:
-        tp = unwrap_type(tp)
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            parent = tp
-            fields = {f.alias or n: f for n, f in tp.model_fields.items()}
-            found = fields.get(str(part))
-            tp = found.annotation if found is not None else None
-        else:
-            parent = None
-            args = typing.get_args(tp)
-            tp = args[-1] if args else None
-    return parent
-
-
-def _keys_of(model: type[BaseModel] | None) -> list[str]:
-    return [f.alias or n for n, f in model.model_fields.items()] if model else []
 
 
 # ---------------------------------------------------------------------------------------------
