@@ -23,9 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
+from gateway.config import parse_config
+from gateway.dispatch import Dispatcher
+from gateway.registry import Registry
+from gateway.runtime import DurableRuntime
 from tests.gateway.launcher import READY_MARKER
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +39,37 @@ START_TIMEOUT = 30.0
 
 # The experimental tasks API of mcp 1.30 warns that tasks move to an extension in 2.0.
 warnings.filterwarnings("ignore", message=".*experimental tasks API.*", category=DeprecationWarning)
+
+
+# The raw JSON-RPC `initialize` a client opens a session with, for tests that speak HTTP.
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "test", "version": "0"},
+    },
+}
+MCP_HEADERS = {"Accept": "application/json, text/event-stream"}
+
+
+def config_with(tmp_path: Path, **changes: Any) -> Path:
+    """The test config with some top-level sections replaced, written to tmp_path."""
+    config = yaml.safe_load(TEST_CONFIG.read_text())
+    config.update(changes)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def config_with_policy(tmp_path: Path, policy: str) -> Path:
+    """The test config with `policy` as tenant `default`'s policy file."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "default.yaml").write_text(policy)
+    return config_with(tmp_path, policy={"dir": str(policies)})
 
 
 def child_env() -> dict[str, str]:
@@ -135,3 +171,18 @@ async def mcp_session(url: str, **session_kwargs: Any) -> AsyncIterator[ClientSe
         async with ClientSession(read, write, **session_kwargs) as session:
             await session.initialize()
             yield session
+
+
+@asynccontextmanager
+async def running_dispatcher(
+    config_text: str, tmp_path: Path, **dispatcher_options: Any
+) -> AsyncIterator[Dispatcher]:
+    """A Dispatcher over a real embedded engine, for the config in `config_text`."""
+    config = parse_config(config_text, "test.yaml", tmp_path)
+    registry = Registry.from_config(config)
+    runtime = DurableRuntime(config.engine, tmp_path / "engine.db", registry.get)
+    await runtime.start()
+    try:
+        yield Dispatcher(registry, runtime, **dispatcher_options)
+    finally:
+        await runtime.stop()

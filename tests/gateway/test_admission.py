@@ -11,12 +11,10 @@ from typing import Any
 
 import pytest
 
-from gateway.config import parse_config
 from gateway.dispatch import CallRequest, CallState, CallView, Dispatcher, DispatchError
 from gateway.mcp_front import dispatch_error
-from gateway.registry import Registry
-from gateway.runtime import DurableRuntime
 from identity.principal import ANONYMOUS, Principal
+from tests.gateway.conftest import running_dispatcher
 
 CONFIG = """
 identity:
@@ -63,14 +61,8 @@ class Recorder:
 
 @pytest.fixture
 async def dispatcher(tmp_path: Path) -> AsyncIterator[Dispatcher]:
-    config = parse_config(CONFIG, "test.yaml", tmp_path)
-    registry = Registry.from_config(config)
-    runtime = DurableRuntime(config.engine, tmp_path / "engine.db", registry.get)
-    await runtime.start()
-    try:
-        yield Dispatcher(registry, runtime, audit=Recorder())
-    finally:
-        await runtime.stop()
+    async with running_dispatcher(CONFIG, tmp_path, audit=Recorder()) as d:
+        yield d
 
 
 def submit(d: Dispatcher, tool: str, args: dict[str, Any], **kw: Any) -> Any:

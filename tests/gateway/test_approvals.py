@@ -7,10 +7,14 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 from mcp import types
 
-from tests.gateway.conftest import TEST_CONFIG, GatewayFactory, GatewayProcess, mcp_session
+from tests.gateway.conftest import (
+    GatewayFactory,
+    GatewayProcess,
+    config_with_policy,
+    mcp_session,
+)
 
 POLICY = """
 tenant: default
@@ -27,14 +31,7 @@ tools:
 
 
 def write_config(tmp_path: Path) -> Path:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "default.yaml").write_text(POLICY)
-    config = yaml.safe_load(TEST_CONFIG.read_text())
-    config["policy"] = {"dir": str(policies)}
-    path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return config_with_policy(tmp_path, POLICY)
 
 
 def pending(gateway: GatewayProcess, task_id: str, timeout: float = 15) -> list[dict[str, str]]:

@@ -29,7 +29,7 @@ from gateway.config import ConfigError, GatewayConfig, parse_config
 from gateway.http_app import build_app
 from gateway.mcp_front import LiveSessions, McpFront
 from identity.dev_ca import DevCA
-from tests.gateway.conftest import TEST_CONFIG, GatewayFactory, GatewayProcess
+from tests.gateway.conftest import INIT, MCP_HEADERS, TEST_CONFIG, GatewayFactory, GatewayProcess
 from tests.identity.keys import forge_jwt, make_jwt, svid_claims
 
 pytestmark = [
@@ -41,17 +41,6 @@ ALICE = "spiffe://example.org/team-a/alice"
 BOB = "spiffe://example.org/team-a/bob"  # same tenant as Alice, another caller
 CAROL = "spiffe://example.org/team-a/carol"
 PARTNER_BOT = "spiffe://partner.org/bot"  # a federated trust domain: tenant partner.org
-MCP_HEADERS = {"Accept": "application/json, text/event-stream"}
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "test", "version": "0"},
-    },
-}
 IDENTITY = """\
 identity:
   trust_domain: example.org

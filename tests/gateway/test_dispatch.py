@@ -10,11 +10,9 @@ from typing import Any
 
 import pytest
 
-from gateway.config import parse_config
 from gateway.dispatch import CallRequest, CallState, CallView, Dispatcher, DispatchError
-from gateway.registry import Registry
-from gateway.runtime import DurableRuntime
 from identity.principal import ANONYMOUS, Principal
+from tests.gateway.conftest import running_dispatcher
 
 CONFIG = """
 identity:
@@ -72,14 +70,8 @@ class DenyFail:
 
 @pytest.fixture
 async def dispatcher(tmp_path: Path) -> AsyncIterator[Dispatcher]:
-    config = parse_config(CONFIG, "test.yaml", tmp_path)
-    registry = Registry.from_config(config)
-    runtime = DurableRuntime(config.engine, tmp_path / "engine.db", registry.get)
-    await runtime.start()
-    try:
-        yield Dispatcher(registry, runtime)
-    finally:
-        await runtime.stop()
+    async with running_dispatcher(CONFIG, tmp_path) as d:
+        yield d
 
 
 async def call(d: Dispatcher, tool: str, args: dict[str, Any], **kw: Any) -> CallView:

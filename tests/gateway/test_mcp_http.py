@@ -23,7 +23,7 @@ from gateway.mcp_front import (
     LiveSessions,
     McpFront,
 )
-from tests.gateway.conftest import GatewayProcess, mcp_session
+from tests.gateway.conftest import INIT, MCP_HEADERS, GatewayProcess, mcp_session
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -258,19 +258,6 @@ async def test_health_and_readiness(shared_gateway: GatewayProcess) -> None:
         assert (await client.get("/healthz")).status_code == 200
         ready = await client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
-
-
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "test", "version": "0"},
-    },
-}
-MCP_HEADERS = {"Accept": "application/json, text/event-stream"}
 
 
 async def test_dns_rebinding_is_refused(shared_gateway: GatewayProcess) -> None:

@@ -27,7 +27,7 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 from identity.dev_ca import DevCA, write_x509_svid
-from tests.gateway.conftest import TEST_CONFIG, GatewayFactory, GatewayProcess
+from tests.gateway.conftest import INIT, MCP_HEADERS, TEST_CONFIG, GatewayFactory, GatewayProcess
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -35,17 +35,6 @@ pytestmark = [
 ]
 
 ALICE = "spiffe://example.org/team-a/alice"
-MCP_HEADERS = {"Accept": "application/json, text/event-stream"}
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "test", "version": "0"},
-    },
-}
 IDENTITY = """\
 identity:
   trust_domain: example.org

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from mcp import McpError
 
-from tests.gateway.conftest import TEST_CONFIG, GatewayFactory, mcp_session
+from tests.gateway.conftest import GatewayFactory, config_with_policy, mcp_session
 
 POLICY = """
 tenant: default
@@ -31,14 +30,7 @@ tools:
 
 
 def write_config(tmp_path: Path) -> Path:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "default.yaml").write_text(POLICY)
-    config = yaml.safe_load(TEST_CONFIG.read_text())
-    config["policy"] = {"dir": str(policies)}
-    path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return config_with_policy(tmp_path, POLICY)
 
 
 async def test_policy_filters_denies_and_obliges(

@@ -5,19 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from mcp import types
 
-from tests.gateway.conftest import TEST_CONFIG, GatewayFactory, mcp_session
+from tests.gateway.conftest import GatewayFactory, config_with, mcp_session
 from tests.sidecar.conftest import start_sidecar_process
 
 
 def shared_config(tmp_path: Path, address: str) -> Path:
-    config = yaml.safe_load(TEST_CONFIG.read_text())
-    config["engine"] = {"kind": "dapr", "grpc_address": address}
-    path = tmp_path / "shared.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return config_with(tmp_path, engine={"kind": "dapr", "grpc_address": address})
 
 
 async def test_second_gateway_serves_a_task_of_the_first(
