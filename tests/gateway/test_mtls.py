@@ -171,7 +171,7 @@ async def test_a_token_for_someone_else_is_refused(setup: Setup) -> None:
             "/mcp", json=INIT, headers={**MCP_HEADERS, "Authorization": f"Bearer {token}"}
         )
     assert response.status_code == 401
-    assert "delegation" in response.json()["message"]
+    assert "no act claim naming it" in response.json()["message"]
 
 
 # --- refusals in the TLS layer ----------------------------------------------------------------
