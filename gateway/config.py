@@ -405,6 +405,46 @@ class OAuthIssuerConfig(_Strict):
         return self
 
 
+class OwnIdentityConfig(_Strict):
+    """The gateway's own SVID for its outbound calls (`identity.own`): from files, from the
+    development CA, or from a SPIFFE Workload API agent."""
+
+    source: Literal["files", "dev_ca", "workload_api"]
+    # files: the SVID's certificate chain and key (PEM), the trust bundle (PEM or SPIFFE), and
+    # optionally a JWT-SVID file; re-read when they change.
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
+    bundle: ConfigPath | None = None
+    jwt_svid_file: ConfigPath | None = None
+    reload_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # dev_ca: the CA directory (default <data_dir>/identity/ca).
+    ca_dir: ConfigPath | None = None
+    # workload_api: the agent's endpoint (default: $SPIFFE_ENDPOINT_SOCKET).
+    endpoint: str | None = None
+    # Which SVID: dev_ca issues this ID (default spiffe://<td>/duragate); workload_api picks
+    # the SVID with this ID and/or hint (default: the first, as the standard says).
+    spiffe_id: str | None = None
+    hint: str | None = None
+
+    @field_validator("spiffe_id")
+    @classmethod
+    def _spiffe_id(cls, value: str | None) -> str | None:
+        try:
+            return None if value is None else str(SpiffeId.parse(value))
+        except SpiffeIdError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _fields_of_the_source(self) -> OwnIdentityConfig:
+        if self.source == "files":
+            missing = [n for n in ("cert", "key", "bundle") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"source files needs {', '.join(missing)}")
+        if self.endpoint is not None and not re.match(r"(unix|tcp)://?", self.endpoint):
+            raise ValueError(f"endpoint {self.endpoint!r}: use unix:///path or tcp://IP:port")
+        return self
+
+
 class IdentityConfig(_Strict):
     """Who may call: trust bundles for JWT-SVID bearer tokens, the audience they must name, how
     a caller's SPIFFE ID maps to a tenant, and whether anonymous callers are let in."""
@@ -436,6 +476,8 @@ class IdentityConfig(_Strict):
     # The caller over stdio: spiffe://<trust_domain or duragate.local>/local/<user> by default.
     local_principal: str | None = None
     local_tenant: str = "default"
+    # The gateway's own SVID for outbound calls (identity/own.py); none by default.
+    own: OwnIdentityConfig | None = None
 
     @field_validator("trust_domain")
     @classmethod
