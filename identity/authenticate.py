@@ -252,9 +252,14 @@ class Authenticator:
         """`authenticate_http`, after fetching an OAuth issuer's keys when a token needs keys
         not loaded yet (the only network I/O, hence async; verification itself is not)."""
         token = bearer_token(headers)
-        if token is not None and self._oauth:
+        # A cached token needs no keys: the hot path stays a hash and a lookup.
+        if (
+            token is not None
+            and self._oauth
+            and self._cache.get(_token_key(token), self._clock()) is None
+        ):
             issuer = self._oauth.issuer_of(token)
-            if issuer is not None and self._cache.get(_token_key(token), self._clock()) is None:
+            if issuer is not None:
                 await issuer.prepare(token)
         return self.authenticate_http(headers, peer)
 
