@@ -262,6 +262,14 @@ class McpEndpoint:
             )
             await refusal(exc, _metadata_url(self.host, scope))(scope, receive, send)
             return
+        if principal.chain:
+            # Who acts for whom: the audit trail of a delegated request (identity.authenticate).
+            log.info(
+                "audit delegated principal=%s tenant=%s chain=%s",
+                principal.id,
+                principal.tenant,
+                ",".join(principal.chain),
+            )
         scope[PRINCIPAL_SCOPE_KEY] = principal
         if principal.via != VIA_ANONYMOUS:
             scope["user"] = session_user(principal)

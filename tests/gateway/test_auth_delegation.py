@@ -7,6 +7,7 @@ agent's certificate, is refused with 401 and nothing is scheduled.
 from __future__ import annotations
 
 import json
+import re
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -146,6 +147,8 @@ async def test_act_naming_another_agent_is_refused(setup: Setup) -> None:
         f"SPIFFE ID ({PLANNER}); only the agent the token names may use it"
     )
     assert setup.scheduled() == before
+    log = setup.gateway.log_path.read_text()
+    assert re.search(r"audit unauthenticated status=401 .* reason=delegation refused: ", log)
 
 
 async def test_delegation_token_without_the_agents_certificate_is_refused(setup: Setup) -> None:
@@ -171,6 +174,7 @@ async def test_an_agent_acting_for_a_user_is_recorded_in_the_workflow_input(
         task_id = created.task.taskId
     log = setup.gateway.log_path.read_text()
     assert f"audit scheduled tool=slow_echo principal={CODER} tenant=team-a" in log
+    assert f"audit delegated principal={CODER} tenant=team-a chain={ALICE},{PLANNER}" in log
     principal = (await workflow_input(setup, task_id))["principal"]
     assert principal == {
         "id": CODER,
