@@ -48,6 +48,7 @@ from gateway.dispatch import Dispatcher, DispatchError
 from gateway.mcp_front import PRINCIPAL_SCOPE_KEY, McpFront
 from identity.authenticate import VIA_ANONYMOUS, AuthenticationError, Authenticator
 from identity.bundle import BundleError
+from identity.oauth import JwksError
 from identity.principal import Principal
 from identity.resource_metadata import (
     metadata_url,
@@ -166,6 +167,8 @@ def build_authenticator(config: GatewayConfig) -> Authenticator:
         return Authenticator(config.identity)
     except BundleError as exc:
         raise ConfigError([config.problem(("identity", "bundles"), str(exc))]) from None
+    except JwksError as exc:
+        raise ConfigError([config.problem(("identity", "oauth"), str(exc))]) from None
 
 
 def challenge(error: AuthenticationError, resource_metadata: str | None = None) -> str:

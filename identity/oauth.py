@@ -182,13 +182,13 @@ class OAuthIssuer:
         try:
             st = os.stat(path)
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            self._fetched_at = self._clock()  # checked now, changed or not
             if stamp == self._file_stamp:
                 return False
             keys = parse_jwks(path.read_bytes(), str(path))
         except OSError as exc:
             raise JwksError(f"{path}: cannot read the JWK Set: {exc.strerror or exc}") from None
         self._keys, self._file_stamp = keys, stamp
-        self._fetched_at = self._clock()
         return True
 
     def _needs_fetch(self, kid: str, now: float) -> bool:
@@ -196,10 +196,9 @@ class OAuthIssuer:
         unknown = kid not in self._keys
         if not (stale or unknown):
             return False
-        # Bounded: an unknown kid refetches, but not more often than the minimum gap.
-        return now - self._last_attempt >= self.config.jwks_min_refetch_seconds or (
-            stale and not self._keys
-        )
+        # Bounded: an unknown kid (or an issuer that is down) refetches, but never more often
+        # than the minimum gap, so a flood of tokens is not a flood of fetches.
+        return now - self._last_attempt >= self.config.jwks_min_refetch_seconds
 
     async def prepare(self, token: str) -> None:
         """Make sure the key `token` names is loaded if it can be: refetch the JWK Set when it
@@ -212,6 +211,8 @@ class OAuthIssuer:
         kid = kid if isinstance(kid, str) else ""
         now = self._clock()
         if self.config.jwks_file is not None:
+            # A file costs a stat to check: looked at every few seconds, and at once (within
+            # the minimum gap) for an unknown kid.
             if now - self._fetched_at >= min(self.config.jwks_refresh_seconds, 5.0) or (
                 kid not in self._keys
                 and now - self._last_attempt >= self.config.jwks_min_refetch_seconds

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from gateway.config import IdentityConfig
+from gateway.config import ConfigError, IdentityConfig, parse_config
+from gateway.http_app import build_authenticator
 from identity.authenticate import AuthenticationError, Authenticator
 from identity.oauth import JwksError, parse_jwks, subject_segment
 from tests.identity.keys import forge_jwt, public_pem, rsa_key
@@ -241,3 +242,16 @@ def test_jwks_parsing_refuses_private_keys_and_skips_others(server: AuthServer) 
     private = {"keys": [{**jwks["keys"][0], "d": "AAAA"}]}
     with pytest.raises(JwksError, match="private key"):
         parse_jwks(private, "x")
+
+
+def test_a_broken_jwks_file_stops_the_start_with_its_place(tmp_path: Path) -> None:
+    (tmp_path / "jwks.json").write_text("{not json")
+    text = (
+        "identity:\n  trust_domain: example.org\n  resource: https://gw.example/mcp\n"
+        "  oauth:\n    - issuer: https://idp.example\n      jwks_file: jwks.json\n"
+    )
+    config = parse_config(text, "gateway.yaml", tmp_path)
+    with pytest.raises(ConfigError) as info:
+        build_authenticator(config)
+    assert "gateway.yaml:4: identity.oauth:" in str(info.value)
+    assert "jwks.json: not JSON" in str(info.value)
