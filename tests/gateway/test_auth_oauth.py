@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from mcp import ClientSession
+from mcp.client.auth.utils import extract_resource_metadata_from_www_auth
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.auth import ProtectedResourceMetadata
 
 from tests.gateway.conftest import INIT, MCP_HEADERS, TEST_CONFIG, GatewayFactory, GatewayProcess
 from tests.identity.oauth_server import AuthServer
@@ -80,6 +82,20 @@ async def test_an_ide_user_calls_a_tool_with_an_access_token(setup: Setup) -> No
     log = setup.gateway.log_path.read_text()
     assert "principal=spiffe://example.org/user/alice_40corp tenant=ide" in log
     assert token not in log
+
+
+async def test_the_mcp_clients_discovery_reads_the_challenge_and_the_metadata(
+    setup: Setup,
+) -> None:
+    """What the mcp SDK's OAuth client does on a 401 (RFC 9728 discovery), with its own
+    parsers: the challenge names the metadata, the metadata names our authorization server."""
+    async with httpx.AsyncClient(base_url=setup.gateway.base) as http:
+        refused = await http.post("/mcp", json=INIT, headers=MCP_HEADERS)
+        url = extract_resource_metadata_from_www_auth(refused)
+        assert url is not None
+        metadata = ProtectedResourceMetadata.model_validate((await http.get(url)).json())
+    assert str(metadata.resource) == setup.gateway.url
+    assert [str(a).rstrip("/") for a in metadata.authorization_servers] == [setup.idp.issuer]
 
 
 async def test_protected_resource_metadata(setup: Setup) -> None:
