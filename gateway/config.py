@@ -307,7 +307,7 @@ _TEMPLATE_FIELD_RE = re.compile(r"{([^{}]*)}")
 def _https_url(value: str, what: str) -> str:
     """An https URL (http only on loopback, for development): where keys or metadata come from
     must be authenticated, or anyone on the path could hand us their keys."""
-    match = re.fullmatch(r"(https?)://(\[[^\]]+\]|[^/:?#\[\]]+)(:\d+)?([/?#].*)?", value)
+    match = re.fullmatch(r"(https?)://(\[[^\]\s]+\]|[^/:?#\[\]\s]+)(:\d+)?([/?#]\S*)?", value)
     if match is None:
         raise ValueError(f"{value!r}: {what} must be an https:// URL")
     scheme, host = match.group(1), match.group(2).strip("[]")
