@@ -1,5 +1,6 @@
 # Duragate developer commands. Everything runs from the virtualenv in .venv, created on first use.
 #   make demo                 install Duragate and run the demo gateway (embedded engine)
+#   make demo-mtls            the same tools over mutual TLS, with a development CA in .duragate
 #   make test [PYTEST_ARGS=]  install Duragate with its test extras and run pytest
 #   make lint                 ruff and mypy
 #   make bench [BENCH_ARGS=]  run the engine benchmark
@@ -11,7 +12,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help demo test lint bench install install-test clean
+.PHONY: help demo demo-mtls test lint bench install install-test clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -41,6 +42,15 @@ install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
 	$(BIN)/duragate serve
+
+# The development CA and the gateway's SVID are made once, in .duragate/identity.
+demo-mtls: $(VENV)/.installed
+	@test -f .duragate/identity/ca/bundle.json || \
+		$(BIN)/duragate --data-dir .duragate identity init --trust-domain example.org
+	@test -f .duragate/identity/duragate.pem || \
+		$(BIN)/duragate --data-dir .duragate identity issue spiffe://example.org/duragate \
+			--server-name 127.0.0.1 --server-name localhost --ttl 30d --out .duragate/identity
+	$(BIN)/duragate serve --config config/gateway-mtls.yaml
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

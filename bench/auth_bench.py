@@ -10,7 +10,11 @@ user handed to the SDK. Cases:
 - `anonymous`: no credentials, `allow_anonymous: true`;
 - `mtls_reused_connection`: an X.509-SVID client certificate, every request on one connection
   (the check is kept on the connection: the target is no cost beyond the first request);
-- `mtls_first_request`: the first request of each new connection (a full `verify_x509_svid`).
+- `mtls_first_request`: the first request of each new connection (a full `verify_x509_svid`);
+- `oauth_cache_on` / `oauth_cache_off`: an OAuth access token (ES256) of an issuer configured
+  in `identity.oauth` (keys from a JWKS file, so no fetch is measured), cache on and off;
+- `delegation_mtls_reused`: an agent's client certificate on a reused connection plus a user's
+  JWT-SVID whose `act.sub` names it (cache on): the chain check per request.
 
 Tokens are ES256 JWT-SVIDs from a development CA made in a temporary directory, as SPIRE issues
 by default. Prints one JSON document, times in microseconds. The issue's target: at most 150 us
@@ -32,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
+from joserfc import jwt
+from joserfc.jwk import ECKey
 from starlette.datastructures import Headers
 
 from gateway.config import IdentityConfig
@@ -42,6 +48,9 @@ from identity.tls import TlsPeer
 
 TARGET_P50_US = 150.0
 SUBJECT = "spiffe://example.org/team-a/bench"
+AGENT = "spiffe://example.org/agents/bench"
+ISSUER = "https://login.example.org"
+RESOURCE = "https://gateway.example.org/mcp"
 
 
 def _scope(token: str | None) -> dict[str, Any]:
@@ -90,7 +99,15 @@ def _measure(run: Callable[[int], None], n: int, warmup: int) -> dict[str, float
 def run(n: int, warmup: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         ca = DevCA.create(Path(tmp) / "ca", "example.org")
-        base = {"bundles": {"example.org": str(Path(tmp) / "ca" / "bundle.json")}}
+        idp_key = ECKey.generate_key("P-256", parameters={"kid": "idp-1"})
+        jwks = Path(tmp) / "jwks.json"
+        jwks.write_text(json.dumps({"keys": [idp_key.as_dict(private=False)]}))
+        base = {
+            "trust_domain": "example.org",
+            "bundles": {"example.org": str(Path(tmp) / "ca" / "bundle.json")},
+            "resource": RESOURCE,
+            "oauth": [{"issuer": ISSUER, "jwks_file": str(jwks)}],
+        }
 
         def authenticator(**settings: Any) -> Authenticator:
             return Authenticator(IdentityConfig.model_validate({**base, **settings}))
@@ -99,6 +116,21 @@ def run(n: int, warmup: int) -> dict[str, Any]:
             return ca.issue_jwt_svid(SUBJECT, "duragate", timedelta(minutes=10))
 
         token_scope = _scope(issue())
+        now = int(time.time())
+        access = jwt.encode(
+            {"alg": "ES256", "kid": "idp-1", "typ": "at+jwt"},
+            {"iss": ISSUER, "sub": "bench", "aud": RESOURCE, "iat": now, "exp": now + 600},
+            idp_key,
+            algorithms=["ES256"],
+        )
+        oauth_scope = _scope(access)
+        delegated = _scope(
+            ca.issue_jwt_svid(
+                SUBJECT, "duragate", timedelta(minutes=10), extra_claims={"act": {"sub": AGENT}}
+            )
+        )
+        agent_cert, _ = ca.issue_x509_svid(AGENT, timedelta(minutes=10))
+        agent_connection = TlsPeer(agent_cert.public_bytes(Encoding.DER))
         cached = authenticator(token_cache_seconds=60)
         uncached = authenticator(token_cache_seconds=0)
         anonymous = authenticator(allow_anonymous=True)
@@ -115,6 +147,9 @@ def run(n: int, warmup: int) -> dict[str, Any]:
             "anonymous": lambda i: _per_request(anonymous, _scope(None)),
             "mtls_reused_connection": lambda i: _per_request(cached, _scope(None), connection),
             "mtls_first_request": lambda i: _per_request(cached, _scope(None), new_connections[i]),
+            "oauth_cache_on": lambda i: _per_request(cached, oauth_scope),
+            "oauth_cache_off": lambda i: _per_request(uncached, oauth_scope),
+            "delegation_mtls_reused": lambda i: _per_request(cached, delegated, agent_connection),
         }
         results = {}
         for name, case in cases.items():

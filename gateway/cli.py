@@ -418,6 +418,12 @@ def _load_gateway_config(path: Path | None) -> GatewayConfig:
     return config
 
 
+def with_anonymous_callers(config: GatewayConfig) -> GatewayConfig:
+    """`config` with `identity.allow_anonymous` on (`serve --allow-anonymous`)."""
+    identity = config.identity.model_copy(update={"allow_anonymous": True})
+    return config.model_copy(update={"identity": identity})
+
+
 def _check_exposure(config: GatewayConfig, host: str) -> None:
     if config.identity.allow_anonymous and not is_local_address(f"{host}:0"):
         raise typer.BadParameter(
@@ -450,13 +456,30 @@ def serve(
         int | None,
         typer.Option("--port", min=0, max=65535, help="Listen port (default: the config's)."),
     ] = None,
+    allow_anonymous: Annotated[
+        bool,
+        typer.Option(
+            "--allow-anonymous",
+            help="Admit callers without credentials as identity.anonymous_principal (in "
+            "identity.anonymous_tenant), whatever the config says. Loopback only.",
+        ),
+    ] = False,
 ) -> None:
     """Run the gateway: MCP over Streamable HTTP at /mcp, every call a durable workflow."""
     from gateway.server import serve as serve_gateway
 
     cfg = _load_gateway_config(config)
+    adjust = with_anonymous_callers if allow_anonymous else None
+    if adjust is not None:
+        cfg = adjust(cfg)
     listen_host = host or cfg.listen.host
     _check_exposure(cfg, listen_host)
+    if adjust is not None:
+        log.warning(
+            "--allow-anonymous: callers without credentials are %s (tenant %s)",
+            cfg.identity.anonymous_principal,
+            cfg.identity.anonymous_tenant,
+        )
     data_dir = _options(ctx).data_dir(cfg.data_dir)
 
     def announce(url: str) -> None:
@@ -464,7 +487,9 @@ def serve(
 
     raise typer.Exit(
         _run_until_signalled(
-            lambda: serve_gateway(cfg, data_dir, listen_host, port, on_ready=announce)
+            lambda: serve_gateway(
+                cfg, data_dir, listen_host, port, on_ready=announce, adjust=adjust
+            )
         )
     )
 

@@ -14,7 +14,7 @@ import json
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from cryptography import x509
@@ -22,7 +22,7 @@ from cryptography import x509
 from identity.bundle import BundleSet
 from identity.dev_ca import DevCA, DevCAError, write_x509_svid
 from identity.jwt_svid import JwtSvidError, verify_jwt_svid
-from identity.spiffe_id import SpiffeIdError
+from identity.spiffe_id import SpiffeId, SpiffeIdError
 from identity.x509_svid import X509SvidError, spiffe_id_of, verify_x509_svid
 
 identity_app = typer.Typer(
@@ -97,6 +97,14 @@ def issue(
         list[str] | None,
         typer.Option("--server-name", help="DNS name or IP, for a server certificate."),
     ] = None,
+    act: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--act",
+            help="With --jwt: an agent acting for the subject (repeatable, earliest first; "
+            "the last one presents the token over mTLS).",
+        ),
+    ] = None,
 ) -> None:
     """Issue an X.509-SVID (certificate and key files) or print a JWT-SVID."""
     ca = _load(ctx)
@@ -107,8 +115,11 @@ def issue(
                 raise typer.BadParameter(
                     "a JWT-SVID needs at least one --aud", param_hint="'--aud'"
                 )
-            typer.echo(ca.issue_jwt_svid(spiffe_id, aud, lifetime))
+            extra = {"act": act_claim(act)} if act else None
+            typer.echo(ca.issue_jwt_svid(spiffe_id, aud, lifetime, extra_claims=extra))
             return
+        if act:
+            raise typer.BadParameter("--act goes with --jwt", param_hint="'--act'")
         names = tuple(server_name or ())
         cert, key = ca.issue_x509_svid(
             spiffe_id, lifetime, server_names=names, for_server=bool(names)
@@ -121,6 +132,17 @@ def issue(
     cert_path, key_path = folder / f"{stem}.pem", folder / f"{stem}.key"
     write_x509_svid(cert_path, key_path, cert, key)
     typer.echo(f"wrote {cert_path} and {key_path} (key mode 0600)")
+
+
+def act_claim(actors: list[str]) -> dict[str, Any]:
+    """The RFC 8693 `act` claim for agents acting in this order (the last one is the current
+    actor, outermost; earlier ones nested)."""
+    claim: dict[str, Any] | None = None
+    for actor in actors:
+        SpiffeId.parse(actor)  # agents are workloads: SpiffeIdError otherwise
+        claim = {"sub": actor, **({"act": claim} if claim else {})}
+    assert claim is not None
+    return claim
 
 
 @identity_app.command("show")

@@ -296,6 +296,155 @@ class TenantRule(_Strict):
         return self.match.removeprefix("spiffe://").partition("/")[0]
 
 
+# The asymmetric JWS algorithms an OAuth access token may use (RFC 7518 3.3-3.5): never `none`,
+# never HS*, whose "key" would be public.
+OAUTH_ALGORITHMS = (
+    "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512",
+)  # fmt: skip
+_TEMPLATE_FIELD_RE = re.compile(r"{([^{}]*)}")
+
+
+def _https_url(value: str, what: str) -> str:
+    """An https URL (http only on loopback, for development): where keys or metadata come from
+    must be authenticated, or anyone on the path could hand us their keys."""
+    match = re.fullmatch(r"(https?)://(\[[^\]\s]+\]|[^/:?#\[\]\s]+)(:\d+)?([/?#]\S*)?", value)
+    if match is None:
+        raise ValueError(f"{value!r}: {what} must be an https:// URL")
+    scheme, host = match.group(1), match.group(2).strip("[]")
+    if scheme == "http" and host not in ("localhost", "127.0.0.1", "::1"):
+        raise ValueError(f"{value!r}: {what} must use https (plain http only on loopback)")
+    return value
+
+
+class OAuthIssuerConfig(_Strict):
+    """One OAuth 2.1 authorization server whose JWT access tokens are accepted (IDE users):
+    where its keys are, which audience (RFC 8707 resource) a token must name, and how its `sub`
+    becomes a principal and a tenant."""
+
+    issuer: str
+    # The JWK Set: a URL, a file, or neither (then found in the issuer's RFC 8414 / OpenID
+    # metadata at start).
+    jwks_uri: str | None = None
+    jwks_file: ConfigPath | None = None
+    # The `aud` a token must include; identity.resource when left out.
+    audience: str | list[str] | None = None
+    # `{sub}` (encoded to fit a SPIFFE path segment) and `{trust_domain}` (identity.trust_domain).
+    subject_template: str = "spiffe://{trust_domain}/user/{sub}"
+    # Exact `sub` -> SPIFFE ID, before the template.
+    subjects: dict[str, str] = Field(default_factory=dict)
+    # The tenant of every user of this issuer; identity.tenants rules when left out.
+    tenant: str | None = None
+    algorithms: list[str] = Field(default_factory=lambda: list(OAUTH_ALGORITHMS))
+    # How long a fetched JWK Set is used before it is fetched again; an unknown `kid` refetches
+    # sooner (at most once per `jwks_min_refetch_seconds`).
+    jwks_refresh_seconds: float = Field(default=300.0, ge=1, le=86400)
+    jwks_min_refetch_seconds: float = Field(default=10.0, ge=0, le=3600)
+    leeway_seconds: float = Field(default=30.0, ge=0, le=300)
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, value: str) -> str:
+        return _https_url(value, "the issuer")
+
+    @field_validator("jwks_uri")
+    @classmethod
+    def _jwks_uri(cls, value: str | None) -> str | None:
+        return None if value is None else _https_url(value, "jwks_uri")
+
+    @field_validator("audience")
+    @classmethod
+    def _audience(cls, value: str | list[str] | None) -> str | list[str] | None:
+        values = [value] if isinstance(value, str) else value
+        if values is not None and (not values or not all(values)):
+            raise ValueError("the audience must be a non-empty string or list of them")
+        return value
+
+    @field_validator("subject_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        fields = _TEMPLATE_FIELD_RE.findall(value)
+        unknown = sorted(set(fields) - {"sub", "trust_domain"})
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown} (use {{sub}} and {{trust_domain}})")
+        if "sub" not in fields:
+            raise ValueError("the template must contain {sub}: else every user is one principal")
+        return value
+
+    @field_validator("subjects")
+    @classmethod
+    def _subjects(cls, value: dict[str, str]) -> dict[str, str]:
+        for sub, spiffe_id in value.items():
+            try:
+                value[sub] = str(SpiffeId.parse(spiffe_id))
+            except SpiffeIdError as exc:
+                raise ValueError(f"subjects[{sub!r}]: {exc}") from None
+        return value
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, value: str | None) -> str | None:
+        return None if value is None else check_tenant_name(value)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one algorithm is required")
+        for alg in value:
+            if alg not in OAUTH_ALGORITHMS:
+                raise ValueError(
+                    f"{alg!r} is not allowed: access tokens are verified with asymmetric keys "
+                    f"only ({', '.join(OAUTH_ALGORITHMS)})"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> OAuthIssuerConfig:
+        if self.jwks_uri is not None and self.jwks_file is not None:
+            raise ValueError("give jwks_uri or jwks_file, not both")
+        return self
+
+
+class OwnIdentityConfig(_Strict):
+    """The gateway's own SVID for its outbound calls (`identity.own`): from files, from the
+    development CA, or from a SPIFFE Workload API agent."""
+
+    source: Literal["files", "dev_ca", "workload_api"]
+    # files: the SVID's certificate chain and key (PEM), the trust bundle (PEM or SPIFFE), and
+    # optionally a JWT-SVID file; re-read when they change.
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
+    bundle: ConfigPath | None = None
+    jwt_svid_file: ConfigPath | None = None
+    reload_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # dev_ca: the CA directory (default <data_dir>/identity/ca).
+    ca_dir: ConfigPath | None = None
+    # workload_api: the agent's endpoint (default: $SPIFFE_ENDPOINT_SOCKET).
+    endpoint: str | None = None
+    # Which SVID: dev_ca issues this ID (default spiffe://<td>/duragate); workload_api picks
+    # the SVID with this ID and/or hint (default: the first, as the standard says).
+    spiffe_id: str | None = None
+    hint: str | None = None
+
+    @field_validator("spiffe_id")
+    @classmethod
+    def _spiffe_id(cls, value: str | None) -> str | None:
+        try:
+            return None if value is None else str(SpiffeId.parse(value))
+        except SpiffeIdError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _fields_of_the_source(self) -> OwnIdentityConfig:
+        if self.source == "files":
+            missing = [n for n in ("cert", "key", "bundle") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"source files needs {', '.join(missing)}")
+        if self.endpoint is not None and not re.match(r"(unix|tcp)://?", self.endpoint):
+            raise ValueError(f"endpoint {self.endpoint!r}: use unix:///path or tcp://IP:port")
+        return self
+
+
 class IdentityConfig(_Strict):
     """Who may call: trust bundles for JWT-SVID bearer tokens, the audience they must name, how
     a caller's SPIFFE ID maps to a tenant, and whether anonymous callers are let in."""
@@ -320,6 +469,15 @@ class IdentityConfig(_Strict):
     # How often the bundle files are checked for a change (one stat each), at most the bundles'
     # own refresh hint: a rotated bundle is used without a restart.
     bundle_refresh_seconds: float = Field(default=5.0, gt=0, le=86400)
+    # OAuth 2.1 resource server: JWT access tokens of these issuers (people behind IDE clients),
+    # and this gateway's resource identifier (RFC 8707 / RFC 9728), e.g. https://gw.example/mcp.
+    oauth: list[OAuthIssuerConfig] = Field(default_factory=list)
+    resource: str | None = None
+    # The caller over stdio: spiffe://<trust_domain or duragate.local>/local/<user> by default.
+    local_principal: str | None = None
+    local_tenant: str = "default"
+    # The gateway's own SVID for outbound calls (identity/own.py); none by default.
+    own: OwnIdentityConfig | None = None
 
     @field_validator("trust_domain")
     @classmethod
@@ -356,6 +514,52 @@ class IdentityConfig(_Strict):
     @classmethod
     def _anonymous_tenant(cls, value: str) -> str:
         return check_tenant_name(value)
+
+    @field_validator("local_principal")
+    @classmethod
+    def _local_id(cls, value: str | None) -> str | None:
+        try:
+            return None if value is None else str(SpiffeId.parse(value))
+        except SpiffeIdError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("local_tenant")
+    @classmethod
+    def _local_tenant(cls, value: str) -> str:
+        return check_tenant_name(value)
+
+    @field_validator("resource")
+    @classmethod
+    def _resource(cls, value: str | None) -> str | None:
+        if value is not None and "#" in value:
+            raise ValueError("a resource identifier has no fragment (RFC 8707 2)")
+        return None if value is None else _https_url(value, "the resource")
+
+    @model_validator(mode="after")
+    def _oauth_issuers(self) -> IdentityConfig:
+        templates: dict[str, str] = {}
+        for index, issuer in enumerate(self.oauth):
+            where = f"oauth[{index}] ({issuer.issuer})"
+            if issuer.audience is None and self.resource is None:
+                raise ValueError(
+                    f"{where}: no audience: set its audience or identity.resource (the URL "
+                    "clients use, which tokens must name in aud)"
+                )
+            if "{trust_domain}" in issuer.subject_template and self.trust_domain is None:
+                raise ValueError(
+                    f"{where}: subject_template uses {{trust_domain}}: set identity.trust_domain"
+                )
+            if issuer.subject_template in templates:
+                raise ValueError(
+                    f"{where}: the same subject_template as {templates[issuer.subject_template]} "
+                    "would make the same sub of two issuers one principal; give each issuer a "
+                    "template of its own (e.g. spiffe://{trust_domain}/user/<name>/{sub})"
+                )
+            templates[issuer.subject_template] = where
+        issuers = [i.issuer for i in self.oauth]
+        for _first, repeat in duplicate_names(issuers):
+            raise ValueError(f"oauth[{repeat}]: issuer {issuers[repeat]!r} is listed twice")
+        return self
 
     @field_validator("tenants")
     @classmethod

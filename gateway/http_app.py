@@ -15,6 +15,9 @@ and the result kept on it: `identity.tls.TlsPeer`): the principal goes into the 
 where the MCP front door reads it. A refused caller gets 401 with an RFC 6750 challenge
 (`WWW-Authenticate: Bearer realm="duragate", error=..., error_description=...`) and the reason in
 a JSON body, or 403 when it is known but belongs to no tenant; nothing reaches the session.
+With OAuth issuers configured (`identity.oauth`), the 401 also names the RFC 9728 metadata
+(`resource_metadata="<origin>/.well-known/oauth-protected-resource/mcp"`, served at that path and
+at the root variant), where IDE clients find the authorization server.
 A session stays bound to the caller that opened it (the SDK compares `scope["user"]`): another
 principal presenting its id gets 404, as if it did not exist.
 """
@@ -45,7 +48,13 @@ from gateway.dispatch import Dispatcher, DispatchError
 from gateway.mcp_front import PRINCIPAL_SCOPE_KEY, McpFront
 from identity.authenticate import VIA_ANONYMOUS, AuthenticationError, Authenticator
 from identity.bundle import BundleError
+from identity.oauth import JwksError
 from identity.principal import Principal
+from identity.resource_metadata import (
+    metadata_url,
+    protected_resource_metadata,
+    request_origin,
+)
 from identity.tls import peer_of
 
 log = logging.getLogger(__name__)
@@ -158,26 +167,45 @@ def build_authenticator(config: GatewayConfig) -> Authenticator:
         return Authenticator(config.identity)
     except BundleError as exc:
         raise ConfigError([config.problem(("identity", "bundles"), str(exc))]) from None
+    except JwksError as exc:
+        raise ConfigError([config.problem(("identity", "oauth"), str(exc))]) from None
 
 
-def challenge(error: AuthenticationError) -> str:
-    """The `WWW-Authenticate` value for a 401 (RFC 6750 3)."""
+def challenge(error: AuthenticationError, resource_metadata: str | None = None) -> str:
+    """The `WWW-Authenticate` value for a 401 (RFC 6750 3), naming the protected resource
+    metadata (RFC 9728 5.1) when OAuth issuers are configured."""
+    value = f'Bearer realm="{REALM}"'
+    if resource_metadata is not None:
+        value += f', resource_metadata="{_CHALLENGE_UNSAFE.sub("?", resource_metadata)}"'
     if error.error is None:
         # No credentials at all: RFC 6750 3.1 asks for no error code in the challenge.
-        return f'Bearer realm="{REALM}"'
+        return value
     reason = _CHALLENGE_UNSAFE.sub("?", error.reason)[:MAX_CHALLENGE_REASON]
-    return f'Bearer realm="{REALM}", error="{error.error}", error_description="{reason}"'
+    return f'{value}, error="{error.error}", error_description="{reason}"'
 
 
-def refusal(error: AuthenticationError) -> Response:
+def refusal(error: AuthenticationError, resource_metadata: str | None = None) -> Response:
     if error.status == 401:
         return _json_error(
             401,
             error.error or "unauthenticated",
             error.reason,
-            **{"WWW-Authenticate": challenge(error)},
+            **{"WWW-Authenticate": challenge(error, resource_metadata)},
         )
     return _json_error(error.status, "forbidden", error.reason)
+
+
+def _origin(scope: Scope) -> str:
+    return request_origin(
+        "https" if scope.get("scheme") == "https" else "http",
+        Headers(scope=scope).get("host"),
+        scope.get("server"),
+    )
+
+
+def _metadata_url(host: HttpHost, scope: Scope) -> str | None:
+    identity = host.config.identity
+    return metadata_url(identity, _origin(scope)) if identity.oauth else None
 
 
 def session_user(principal: Principal) -> AuthenticatedUser:
@@ -224,7 +252,7 @@ class McpEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            principal = self.authenticator.authenticate_http(Headers(scope=scope), peer_of(scope))
+            principal = await self.authenticator.authenticate(Headers(scope=scope), peer_of(scope))
         except AuthenticationError as exc:
             client = scope.get("client") or ("?", 0)
             log.info(
@@ -235,8 +263,16 @@ class McpEndpoint:
                 client[1],
                 exc.reason,
             )
-            await refusal(exc)(scope, receive, send)
+            await refusal(exc, _metadata_url(self.host, scope))(scope, receive, send)
             return
+        if principal.chain:
+            # Who acts for whom: the audit trail of a delegated request (identity.authenticate).
+            log.info(
+                "audit delegated principal=%s tenant=%s chain=%s",
+                principal.id,
+                principal.tenant,
+                ",".join(principal.chain),
+            )
         scope[PRINCIPAL_SCOPE_KEY] = principal
         if principal.via != VIA_ANONYMOUS:
             scope["user"] = session_user(principal)
@@ -262,11 +298,11 @@ class ApprovalsEndpoint:
             await refused(scope, receive, send)
             return
         try:
-            approver = self.mcp.authenticator.authenticate_http(
+            approver = await self.mcp.authenticator.authenticate(
                 Headers(scope=scope), peer_of(scope)
             )
         except AuthenticationError as exc:
-            await refusal(exc)(scope, receive, send)
+            await refusal(exc, _metadata_url(self.host, scope))(scope, receive, send)
             return
         dispatcher = self.host.dispatcher
         task_id = scope.get("path_params", {}).get("task_id")
@@ -320,6 +356,13 @@ def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def resource_metadata(request: Request) -> Response:
+        # RFC 9728: served only when OAuth issuers are configured (nothing to sign in with else).
+        identity = host.config.identity
+        if not identity.oauth:
+            return _json_error(404, "not_found", "no OAuth issuers are configured (identity.oauth)")
+        return JSONResponse(protected_resource_metadata(identity, _origin(request.scope)))
+
     async def readyz(request: Request) -> Response:
         if await host.runtime.ready():
             body: dict[str, Any] = {"status": "ready"}
@@ -345,6 +388,8 @@ def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
             Route("/approvals", approvals, methods=["GET"]),
             Route("/approvals/{task_id}", approvals, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/.well-known/oauth-protected-resource/mcp", resource_metadata, methods=["GET"]),
+            Route("/.well-known/oauth-protected-resource", resource_metadata, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ],
         lifespan=lifespan,

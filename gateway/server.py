@@ -71,7 +71,16 @@ class GatewayStartError(RuntimeError):
 class Gateway:
     """One gateway process: its tools, its workflow engine and its dispatch path."""
 
-    def __init__(self, config: GatewayConfig, data_dir: Path) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        data_dir: Path,
+        *,
+        adjust: Callable[[GatewayConfig], GatewayConfig] | None = None,
+    ) -> None:
+        # Applied to every config loaded from the file on reload, as to the first one: command
+        # line settings (`serve --allow-anonymous`) outlive a SIGHUP.
+        self._adjust = adjust
         self._config = config
         self.data_dir = data_dir
         self.sessions = LiveSessions()
@@ -181,6 +190,8 @@ class Gateway:
         """Reload from `path`; a config that does not load is logged and the running one kept."""
         try:
             config = await asyncio.to_thread(load_config, path)
+            if self._adjust is not None:
+                config = self._adjust(config)
             await self.reload(config)
         except ConfigError as exc:
             log.error("config reload failed; keeping the running config:\n%s", exc)
@@ -283,15 +294,17 @@ async def serve(
     port: int | None = None,
     *,
     on_ready: Callable[[str], Any] | None = None,
+    adjust: Callable[[GatewayConfig], GatewayConfig] | None = None,
 ) -> None:
     """Run the gateway with MCP over Streamable HTTP until cancelled. `on_ready(url)` is called
-    with the MCP endpoint's URL once it accepts requests (useful with port 0)."""
+    with the MCP endpoint's URL once it accepts requests (useful with port 0). `adjust` is
+    applied to a config reloaded from the file (command line settings; `config` has them)."""
     host = host or config.listen.host
     port = config.listen.port if port is None else port
     # Before binding: TLS files that do not load stop the start, named in the config file.
     tls = ServerTls.from_config(config)
     sock = _listen(host, port)
-    gateway = Gateway(config, data_dir)
+    gateway = Gateway(config, data_dir, adjust=adjust)
     try:
         await gateway.start()
     except BaseException:
@@ -351,7 +364,7 @@ async def serve_stdio(config: GatewayConfig, data_dir: Path) -> None:
                 gateway,
                 gateway.sessions,
                 front_door="mcp-stdio",
-                default_principal=local_principal(),
+                default_principal=local_principal(config.identity),
             )
             with _reload_on_sighup(gateway, config):
                 await run_stdio(front, out)

@@ -1,7 +1,9 @@
 """The MCP front door over stdio: the same server as `/mcp`, for one local client.
 
-The caller is the local user: `spiffe://duragate.local/local/<username>`, tenant `default`,
-proved by `local` (whoever can start the process and talk to its stdin is that user).
+The caller is the local user, proved by `local` (whoever can start the process and talk to its
+stdin is that user): `identity.local_principal` when set, else
+`spiffe://<identity.trust_domain or duragate.local>/local/<username>`, in `identity.local_tenant`
+(`default`).
 
 stdout carries only the protocol. Before anything else runs, file descriptor 1 is pointed at
 stderr (and `sys.stdout` with it), so a tool that prints, or a library that logs to stdout,
@@ -22,14 +24,20 @@ from typing import IO
 import anyio
 from mcp.server.stdio import stdio_server
 
+from gateway.config import IdentityConfig
 from gateway.mcp_front import McpFront
 from identity.principal import Principal
 
 LOCAL_TRUST_DOMAIN = "duragate.local"
 
 
-def local_principal(username: str | None = None) -> Principal:
+def local_principal(
+    identity: IdentityConfig | None = None, username: str | None = None
+) -> Principal:
     """The principal of the user running this process."""
+    identity = identity or IdentityConfig()
+    if identity.local_principal is not None:
+        return Principal(id=identity.local_principal, tenant=identity.local_tenant, via="local")
     if username is None:
         try:
             username = getpass.getuser()
@@ -37,8 +45,9 @@ def local_principal(username: str | None = None) -> Principal:
             username = f"uid-{os.getuid()}"
     # A SPIFFE path segment: letters, digits, '.', '-', '_'.
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", username) or "unknown"
+    domain = identity.trust_domain or LOCAL_TRUST_DOMAIN
     return Principal(
-        id=f"spiffe://{LOCAL_TRUST_DOMAIN}/local/{safe}", tenant="default", via="local"
+        id=f"spiffe://{domain}/local/{safe}", tenant=identity.local_tenant, via="local"
     )
 
 

@@ -13,6 +13,17 @@ bearer token, or the anonymous principal.
 - `Authorization: Bearer <JWT-SVID>`: verified against the bundle of the token's own trust
   domain (`verify_jwt_svid`), for the configured audience; the caller is
   `Principal(id=<SPIFFE ID>, tenant=<tenant rules>, via="jwt-svid")`.
+- `Authorization: Bearer <OAuth access token>`: a JWT whose `iss` is one of `identity.oauth`
+  (`identity.oauth`): verified against that issuer's JWK Set, `aud` naming our resource; the
+  caller is `Principal(id=<mapped sub>, tenant=<issuer's or rules>, via="oauth")`. `iss` alone
+  tells the two kinds of token apart; a JWT-SVID never reaches an issuer's keys and the other way
+  round.
+- Delegation (RFC 8693 `act`): an agent acting for someone presents its X.509-SVID (mTLS) AND
+  that someone's token (JWT-SVID or access token) whose `act.sub` is the agent's SPIFFE ID;
+  nested `act` claims name earlier agents. `act.sub` must equal the client certificate's SPIFFE
+  ID, else 401. The caller is then the agent, in the subject's tenant, with
+  `chain = (subject, earlier agents..., )` outermost first (`Principal.chain`). A token with
+  `act` but no client certificate is refused: nothing proves the agent is the one it names.
 - No `Authorization` header: the anonymous principal if `allow_anonymous`, else 401. A caller
   that sends credentials we cannot use is refused even then: it meant to be someone.
 - A header we cannot read, or a refused token: 401 with the exact reason (never the token).
@@ -40,14 +51,18 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from cryptography import x509
 
 from gateway.config import IdentityConfig
 from identity.bundle import BundleSet
 from identity.jwt_svid import JwtSvid, JwtSvidError, verify_jwt_svid
+from identity.oauth import VIA_OAUTH, OAuthIssuer, OAuthVerifier
 from identity.principal import Principal
+from identity.spiffe_id import SpiffeId, SpiffeIdError
 from identity.tenants import NoTenantError, TenantRules
 from identity.tls import TlsPeer
 from identity.x509_svid import X509Svid, X509SvidError, authorities_in, verify_x509_svid
@@ -65,6 +80,8 @@ MAX_CACHED_TOKENS = 4096
 FORCED_REFRESH_GAP_SECONDS = 1.0
 # RFC 6750 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# Nested `act` claims beyond this are refused: a longer chain is an attack, not a workflow.
+MAX_ACT_DEPTH = 8
 
 
 class AuthenticationError(Exception):
@@ -79,19 +96,50 @@ class AuthenticationError(Exception):
         self.error = error
 
 
+@dataclass(frozen=True)
+class BearerResult:
+    """What a verified bearer token proves: its subject, and the agents acting for it (the
+    `act` claims, earliest first, the one presenting the token last)."""
+
+    principal: Principal
+    actors: tuple[str, ...] = ()
+
+
+def actors_of(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    """The SPIFFE IDs of the `act` chain of verified claims (RFC 8693 4.1), earliest actor
+    first, the current actor last; () without `act`. `JwtSvidError` for a malformed one."""
+    nested: list[str] = []
+    act: Any = claims.get("act")
+    while act is not None:
+        if len(nested) >= MAX_ACT_DEPTH:
+            raise JwtSvidError(f"the act chain is deeper than {MAX_ACT_DEPTH}")
+        if not isinstance(act, dict):
+            raise JwtSvidError("act must be a JSON object (RFC 8693 4.1)")
+        sub = act.get("sub")
+        if not isinstance(sub, str):
+            raise JwtSvidError("act.sub is required: it names the agent acting for the subject")
+        try:
+            nested.append(str(SpiffeId.parse(sub)))
+        except SpiffeIdError as exc:
+            raise JwtSvidError(f"act.sub {sub[:80]!r} is not a SPIFFE ID: {exc}") from None
+        act = act.get("act")
+    # The outermost `act` is the current actor; nested ones are earlier (RFC 8693 4.1).
+    return tuple(reversed(nested))
+
+
 class TokenCache:
-    """Principals of verified tokens by token hash, bounded, each entry dropped at the earlier
-    of its time to live and the token's `exp`."""
+    """Verified tokens by token hash, bounded, each entry dropped at the earlier of its time to
+    live and the token's `exp`."""
 
     def __init__(self, ttl: float, max_entries: int = MAX_CACHED_TOKENS) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
-        self._entries: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[BearerResult, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: bytes, now: float) -> Principal | None:
+    def get(self, key: bytes, now: float) -> BearerResult | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -102,7 +150,7 @@ class TokenCache:
         self._entries.move_to_end(key)
         return principal
 
-    def put(self, key: bytes, principal: Principal, expires_at: float, now: float) -> None:
+    def put(self, key: bytes, principal: BearerResult, expires_at: float, now: float) -> None:
         # Never past exp, even though verification grants a leeway after it: the leeway is for
         # clock skew at the moment of the check, not a licence to keep using the token.
         deadline = min(now + self.ttl, expires_at)
@@ -135,7 +183,7 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
         raise AuthenticationError(
             401,
             "the Authorization header does not use the Bearer scheme: send "
-            "'Authorization: Bearer <JWT-SVID>'",
+            "'Authorization: Bearer <token>' (a JWT-SVID or an OAuth access token)",
             "invalid_request",
         )
     token = rest.lstrip(" ")
@@ -175,6 +223,7 @@ class Authenticator:
         )
         self._refresh_seconds = config.bundle_refresh_seconds
         self._cache = TokenCache(config.token_cache_seconds)
+        self._oauth = OAuthVerifier.from_config(config, clock=clock)
         self._authorities_for = authorities_in(self._bundles)
         # Bumped whenever a bundle changes: a certificate checked under older bundles (kept on
         # its connection) is checked again.
@@ -191,7 +240,28 @@ class Authenticator:
     def cache(self) -> TokenCache:
         return self._cache
 
+    @property
+    def oauth(self) -> OAuthVerifier:
+        return self._oauth
+
     # -- the entry points --------------------------------------------------------------------
+
+    async def authenticate(
+        self, headers: Mapping[str, str], peer: TlsPeer | None = None
+    ) -> Principal:
+        """`authenticate_http`, after fetching an OAuth issuer's keys when a token needs keys
+        not loaded yet (the only network I/O, hence async; verification itself is not)."""
+        token = bearer_token(headers)
+        # A cached token needs no keys: the hot path stays a hash and a lookup.
+        if (
+            token is not None
+            and self._oauth
+            and self._cache.get(_token_key(token), self._clock()) is None
+        ):
+            issuer = self._oauth.issuer_of(token)
+            if issuer is not None:
+                await issuer.prepare(token)
+        return self.authenticate_http(headers, peer)
 
     def authenticate_http(
         self, headers: Mapping[str, str], peer: TlsPeer | None = None
@@ -204,22 +274,19 @@ class Authenticator:
         token = bearer_token(headers)
         if peer is not None and peer.der is not None:
             principal = self.authenticate_x509_svid(peer, now)
-            if token is not None:
-                # The certificate identifies the peer. A token for someone else would be an
-                # agent acting for that someone: delegation, checked through the token's `act`
-                # claim, is a later step; until then such a request is refused, not guessed at.
-                claimed = self.authenticate_jwt_svid(token, now)
-                if claimed.id != principal.id:
-                    raise AuthenticationError(
-                        401,
-                        f"the bearer token's subject ({claimed.id}) is not the client "
-                        f"certificate's SPIFFE ID ({principal.id}); acting for another caller "
-                        "(delegation) is not supported yet",
-                    )
-            return principal
+            if token is None:
+                return principal
+            return delegated(principal, self.authenticate_bearer(token, now))
         if token is None:
             return self.anonymous()
-        return self.authenticate_jwt_svid(token, now)
+        bearer = self.authenticate_bearer(token, now)
+        if bearer.actors:
+            raise AuthenticationError(
+                401,
+                f"the token names an agent acting for its subject (act.sub {bearer.actors[-1]}): "
+                "a delegation token is only accepted over mTLS, from the agent's own X.509-SVID",
+            )
+        return bearer.principal
 
     def anonymous(self) -> Principal:
         if self._anonymous is not None:
@@ -238,21 +305,58 @@ class Authenticator:
         raise AuthenticationError(401, reason, error=None)
 
     def authenticate_jwt_svid(self, token: str, now: float | None = None) -> Principal:
-        """The principal a JWT-SVID proves, from the cache when it was verified lately."""
+        """The principal a bearer token (JWT-SVID or OAuth access token) proves, ignoring any
+        delegation it carries (see `authenticate_bearer`)."""
+        return self.authenticate_bearer(token, now).principal
+
+    def authenticate_bearer(self, token: str, now: float | None = None) -> BearerResult:
+        """What a bearer token proves (its subject and `act` chain), from the cache when it was
+        verified lately. An OAuth access token if its `iss` is a configured issuer, else a
+        JWT-SVID."""
         now = self._clock() if now is None else now
-        # A hash, not the token: bearer tokens are not kept around longer than a request.
-        key = hashlib.sha256(token.encode("ascii", "replace")).digest()
-        principal = self._cache.get(key, now)
-        if principal is not None:
-            return principal
-        svid = self._verify(token, now)
+        key = _token_key(token)
+        result = self._cache.get(key, now)
+        if result is not None:
+            return result
+        issuer = self._oauth.issuer_of(token)
+        if issuer is not None:
+            spiffe_id, tenant, via, claims = self._verify_oauth(issuer, token, now)
+        else:
+            try:
+                svid = self._verify(token, now)
+            except AuthenticationError as exc:
+                iss = self._oauth.unknown_issuer(token)
+                if iss is None:
+                    raise
+                # Most likely an access token of an issuer we do not trust: say so, rather
+                # than only why it is not a JWT-SVID.
+                raise AuthenticationError(
+                    401,
+                    f"iss {iss[:120]!r} is not an OAuth issuer this gateway trusts "
+                    f"(identity.oauth), and the token is not a JWT-SVID either: {exc.reason}",
+                ) from None
+            spiffe_id, tenant, via, claims = svid.spiffe_id, None, VIA_JWT_SVID, svid.claims
         try:
-            tenant = self._tenants.tenant_of(svid.spiffe_id)
-        except NoTenantError as exc:
-            raise AuthenticationError(403, str(exc), error=None) from None
-        principal = Principal(id=str(svid.spiffe_id), tenant=tenant, via=VIA_JWT_SVID)
-        self._cache.put(key, principal, float(svid.claims["exp"]), now)
-        return principal
+            actors = actors_of(claims)
+        except JwtSvidError as exc:
+            raise AuthenticationError(401, str(exc)) from None
+        if tenant is None:
+            try:
+                tenant = self._tenants.tenant_of(spiffe_id)
+            except NoTenantError as exc:
+                raise AuthenticationError(403, str(exc), error=None) from None
+        result = BearerResult(Principal(id=str(spiffe_id), tenant=tenant, via=via), actors)
+        self._cache.put(key, result, float(claims["exp"]), now)
+        return result
+
+    def _verify_oauth(
+        self, issuer: OAuthIssuer, token: str, now: float
+    ) -> tuple[SpiffeId, str | None, str, dict[str, Any]]:
+        try:
+            verified = issuer.verify(token, now)
+        except JwtSvidError as exc:
+            raise AuthenticationError(401, f"access token of {issuer.issuer}: {exc}") from None
+        return verified.spiffe_id, verified.tenant, VIA_OAUTH, verified.claims
 
     def authenticate_x509_svid(self, peer: TlsPeer, now: float | None = None) -> Principal:
         """The principal a connection's client certificate proves. Kept on the connection
@@ -342,3 +446,34 @@ class Authenticator:
                 except JwtSvidError as exc:
                     first = exc
         raise AuthenticationError(401, str(first)) from None
+
+
+def _token_key(token: str) -> bytes:
+    # A hash, not the token: bearer tokens are not kept around longer than a request.
+    return hashlib.sha256(token.encode("ascii", "replace")).digest()
+
+
+def delegated(peer: Principal, bearer: BearerResult) -> Principal:
+    """The caller of a request proved by a client certificate (`peer`) that also carries a
+    bearer token. The token's subject is the peer itself, or someone the peer acts for, named
+    by the token's `act.sub`; anything else is refused."""
+    subject = bearer.principal
+    if not bearer.actors:
+        if subject.id != peer.id:
+            raise AuthenticationError(
+                401,
+                f"the bearer token's subject ({subject.id}) is not the client certificate's "
+                f"SPIFFE ID ({peer.id}) and the token has no act claim naming it: an agent "
+                "acting for someone presents a token whose act.sub is its own SPIFFE ID",
+            )
+        return peer
+    if bearer.actors[-1] != peer.id:
+        raise AuthenticationError(
+            401,
+            f"delegation refused: the token's act.sub ({bearer.actors[-1]}) is not the client "
+            f"certificate's SPIFFE ID ({peer.id}); only the agent the token names may use it",
+        )
+    # The agent calls, for the subject, in the subject's tenant; the chain says on whose behalf.
+    return Principal(
+        id=peer.id, tenant=subject.tenant, via=peer.via, chain=(subject.id, *bearer.actors[:-1])
+    )

@@ -20,7 +20,7 @@ import ipaddress
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -228,9 +228,11 @@ class DevCA:
         ttl: timedelta,
         *,
         now: datetime | None = None,
+        extra_claims: Mapping[str, Any] | None = None,
     ) -> str:
         """A JWT-SVID (ES256) signed with the trust domain's JWT key. Only `alg`, `kid` and
-        `typ` go in the header: JWT-SVID 2 forbids any other header."""
+        `typ` go in the header: JWT-SVID 2 forbids any other header. `extra_claims` (such as a
+        delegation's `act`) are added, but never replace `sub`, `aud`, `exp` or `iat`."""
         sid = self._own_workload_id(spiffe_id)
         audiences = [audience] if isinstance(audience, str) else list(audience)
         if not audiences or not all(isinstance(a, str) and a for a in audiences):
@@ -239,6 +241,7 @@ class DevCA:
             raise DevCAError("the time to live must be positive")
         issued_at = int(_utc(now).timestamp())
         claims = {
+            **(extra_claims or {}),
             "sub": str(sid),
             "aud": audiences,
             "exp": issued_at + max(1, int(ttl.total_seconds())),

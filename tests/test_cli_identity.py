@@ -66,3 +66,20 @@ def test_refusals_are_clear(tmp_path: Path) -> None:
     assert no_aud.returncode == 2 and "--aud" in no_aud.stderr
     bad_ttl = duragate(data, "issue", "spiffe://example.org/x", "--ttl", "soon")
     assert bad_ttl.returncode == 2
+
+
+def test_issue_a_delegation_token(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert duragate(data, "init", "--trust-domain", "example.org").returncode == 0
+    planner, coder = "spiffe://example.org/agents/planner", "spiffe://example.org/agents/coder"
+    args = ["issue", "spiffe://example.org/ide/alice", "--jwt", "--aud", "duragate"]
+    token = duragate(data, *args, "--act", planner, "--act", coder)
+    assert token.returncode == 0, token.stderr
+    (tmp_path / "t.jwt").write_text(token.stdout)
+    claims = json.loads(duragate(data, "show", str(tmp_path / "t.jwt")).stdout)["claims"]
+    # The coder presents it (the current actor, outermost); the planner acted before.
+    assert claims["act"] == {"sub": coder, "act": {"sub": planner}}
+    not_an_id = duragate(data, *args, "--act", "planner")
+    assert not_an_id.returncode == 1 and "planner" in not_an_id.stderr
+    without_jwt = duragate(data, "issue", "spiffe://example.org/x", "--act", planner)
+    assert without_jwt.returncode == 2 and "--act goes with --jwt" in without_jwt.stderr
