@@ -48,6 +48,8 @@ from a2a.utils.errors import A2AError
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict
 
+from gateway.a2a_cards import check_agents
+from gateway.config import ConfigError, parse_config
 from identity.dev_ca import DevCA
 from tests.gateway.conftest import TEST_CONFIG, GatewayFactory, GatewayProcess
 
@@ -625,3 +627,29 @@ async def test_other_tenants_cannot_touch_a_task(secured: Secured, binding: str)
         still = await alice.get_task(GetTaskRequest(id=task.id))
         assert still.status.state == TaskState.TASK_STATE_WORKING
         await alice.cancel_task(CancelTaskRequest(id=task.id))
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+def test_agent_config_errors_name_the_line(tmp_path: Path) -> None:
+    text = TEST_CONFIG.read_text() + (
+        "a2a:\n  agents:\n    - name: maths\n      tools: [add, nosuch]\n"
+    )
+    config = parse_config(text, "gw.yaml", tmp_path)
+    with pytest.raises(ConfigError) as info:
+        check_agents(config)
+    assert "gw.yaml:" in str(info.value) and "no tool named 'nosuch'" in str(info.value)
+    bad_name = (
+        TEST_CONFIG.read_text() + "a2a:\n  agents:\n    - name: Bad/Name\n      tools: [add]\n"
+    )
+    with pytest.raises(ConfigError, match="not a valid agent name"):
+        parse_config(bad_name, "gw.yaml", tmp_path)
+    twice = TEST_CONFIG.read_text() + (
+        "a2a:\n  agents:\n    - {name: a, tools: [add]}\n    - {name: a, tools: [add]}\n"
+    )
+    with pytest.raises(ConfigError, match="defined twice"):
+        parse_config(twice, "gw.yaml", tmp_path)
+    typo = TEST_CONFIG.read_text() + "a2a:\n  push:\n    allowed_host: [x]\n"
+    with pytest.raises(ConfigError, match="allowed_host"):
+        parse_config(typo, "gw.yaml", tmp_path)
