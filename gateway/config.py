@@ -630,7 +630,11 @@ def parse_config(text: str, source: str, base_dir: Path) -> GatewayConfig:
 
 def compose_yaml(text: str, source: str) -> tuple[yaml.Node, dict[Any, Any]]:
     """Parse once: the node tree (for line numbers) and the Python data built from it."""
-    loader = yaml.SafeLoader(text)
+    try:
+        # The reader checks the characters as it is built: a control character fails here.
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError.at(source, None, None, f"not valid YAML: {exc}") from None
     try:
         root = loader.get_single_node()
         if root is None:
