@@ -656,6 +656,66 @@ class ToolConfig(_Strict):
         return value
 
 
+# Tool kinds that are agents in their own right: each becomes an A2A agent of its own when
+# `a2a.tools_as_agents` is `agent_like` (the default).
+AGENT_LIKE_KINDS = frozenset({"agent", "dapr_agent", "crewai", "langgraph", "a2a"})
+AGENT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+class A2AAgentConfig(_Strict):
+    """An A2A agent made of a group of tools: each tool is one of its skills."""
+
+    name: str
+    description: str | None = None
+    tools: list[str] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not AGENT_NAME_RE.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a valid agent name: use 1 to 63 lower-case letters, digits, "
+                "'_' or '-', starting with a letter or digit (it is a URL path segment)"
+            )
+        return value
+
+
+class A2APushConfig(_Strict):
+    """Push notifications to A2A clients' webhooks."""
+
+    # Push URLs must be http(s) and, unless their host is listed here, must not resolve to a
+    # loopback, private, link-local or otherwise internal address (no requests into the
+    # gateway's own network on a caller's behalf).
+    allowed_hosts: list[str] = Field(default_factory=list)
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    first_retry_seconds: float = Field(default=0.5, gt=0)
+    max_retry_seconds: float = Field(default=60.0, gt=0)
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    max_configs_per_task: int = Field(default=10, ge=1, le=1000)
+
+
+class A2AConfig(_Strict):
+    """The A2A front door (agent cards, JSON-RPC and HTTP+JSON bindings)."""
+
+    enabled: bool = True
+    # none | agent_like (each tool of an agent-like kind is an agent) | all (every tool is).
+    tools_as_agents: Literal["none", "agent_like", "all"] = "agent_like"
+    agents: list[A2AAgentConfig] = Field(default_factory=list)
+    # A blocking SendMessage waits at most this long, then answers with the task as it is
+    # (the caller polls, subscribes or gets a push).
+    blocking_wait_seconds: float = Field(default=60.0, gt=0)
+    push: A2APushConfig = Field(default_factory=A2APushConfig)
+
+    @model_validator(mode="after")
+    def _unique_agents(self) -> A2AConfig:
+        for first, repeat in duplicate_names([a.name for a in self.agents]):
+            raise ValueError(
+                f"agents[{repeat}].name: {self.agents[repeat].name!r} is defined twice "
+                f"(first at agents[{first}])"
+            )
+        return self
+
+
 def duplicate_names(names: Sequence[Any]) -> list[tuple[int, int]]:
     """(index of first, index of repeat) for each repeated name."""
     first: dict[Any, int] = {}
@@ -677,6 +737,7 @@ class GatewayConfig(_Strict):
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    a2a: A2AConfig = Field(default_factory=A2AConfig)
     tools: list[ToolConfig] = Field(default_factory=list)
 
     # Where this config came from, to name file and line in errors found after loading (a tool
@@ -773,7 +834,11 @@ def parse_config(text: str, source: str, base_dir: Path) -> GatewayConfig:
 
 def compose_yaml(text: str, source: str) -> tuple[yaml.Node, dict[Any, Any]]:
     """Parse once: the node tree (for line numbers) and the Python data built from it."""
-    loader = yaml.SafeLoader(text)
+    try:
+        # The reader checks the characters as it is built: a control character fails here.
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError.at(source, None, None, f"not valid YAML: {exc}") from None
     try:
         root = loader.get_single_node()
         if root is None:

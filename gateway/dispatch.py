@@ -66,6 +66,8 @@ class CallRequest:
     front_door: str
     idempotency_key: str | None = None
     trace_context: dict[str, str] | None = None
+    # The conversation the call belongs to (A2A contextId); kept with the call.
+    context_id: str | None = None
 
 
 @dataclass
@@ -83,6 +85,10 @@ class CallView:
     result: Any = None
     error: dict[str, Any] | None = None
     replayed: bool = False
+    context_id: str | None = None
+    arguments: dict[str, Any] | None = None
+    # What an INPUT_REQUIRED call waits for: "approval" (a person the policy names).
+    waiting_for: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -227,6 +233,7 @@ class Dispatcher:
             "retry": obligations.get("retry") or _as_dict(spec.retry),
             "trace": req.trace_context or {},
             "approval": obligations.get("approval"),
+            "context_id": req.context_id,
         }
         if req.idempotency_key:
             task_id = idempotent_task_id(req.principal, req.tool, req.idempotency_key)
@@ -276,7 +283,16 @@ class Dispatcher:
         self.admission.bind(task_id, ticket)
         self.audit.record("scheduled", req.principal, req.tool, task=task_id)
         now = datetime.now(UTC)
-        return CallView(task_id, req.tool, CallState.WORKING, now, now, f"running {req.tool}")
+        return CallView(
+            task_id,
+            req.tool,
+            CallState.WORKING,
+            now,
+            now,
+            f"running {req.tool}",
+            context_id=req.context_id,
+            arguments=req.arguments,
+        )
 
     def _validate(self, req: CallRequest) -> None:
         try:
@@ -373,9 +389,12 @@ class Dispatcher:
             created_at=_as_datetime(state.created_at),
             updated_at=_as_datetime(state.last_updated_at),
             message=custom.get("message"),
+            context_id=call.get("context_id"),
+            arguments=call.get("arguments"),
         )
         if custom.get("state") == "waiting_approval":
             view.state = CallState.INPUT_REQUIRED
+            view.waiting_for = "approval"
         if status == "COMPLETED":
             output = json.loads(state.serialized_output or "null") or {}
             if output.get("ok"):

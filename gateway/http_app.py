@@ -43,6 +43,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.a2a_front import build_routes as a2a_routes
+from gateway.a2a_push import PushService
 from gateway.config import ConfigError, GatewayConfig, IdentityConfig
 from gateway.dispatch import Dispatcher, DispatchError
 from gateway.mcp_front import PRINCIPAL_SCOPE_KEY, McpFront
@@ -82,6 +84,9 @@ class HttpHost(Protocol):
 
     @property
     def dispatcher(self) -> Dispatcher: ...
+
+    @property
+    def push(self) -> PushService | None: ...
 
 
 def is_loopback(host: str) -> bool:
@@ -339,6 +344,43 @@ class ApprovalsEndpoint:
         await JSONResponse(answer)(scope, receive, send)
 
 
+class A2AGuard:
+    """Authentication for the A2A routes: the same Authenticator and the same Host/Origin
+    checks as `/mcp`."""
+
+    def __init__(self, mcp: McpEndpoint, listen_host: str) -> None:
+        self.mcp = mcp
+        self.security = TransportSecurityMiddleware(transport_security(listen_host))
+
+    async def authenticate(self, request: Request) -> Principal | Response:
+        # Host and Origin only: A2A bodies are checked by the SDK (and some POSTs have none).
+        refused = await self.security.validate_request(request, is_post=False)
+        if refused is not None:
+            return refused
+        try:
+            principal = await self.mcp.authenticator.authenticate(
+                Headers(scope=request.scope), peer_of(request.scope)
+            )
+        except AuthenticationError as exc:
+            log.info(
+                "audit unauthenticated front_door=a2a status=%d reason=%s", exc.status, exc.reason
+            )
+            return refusal(exc, _metadata_url(self.mcp.host, request.scope))
+        if principal.chain:
+            log.info(
+                "audit delegated principal=%s tenant=%s chain=%s",
+                principal.id,
+                principal.tenant,
+                ",".join(principal.chain),
+            )
+        return principal
+
+    async def authenticate_optional(self, request: Request) -> Principal | None:
+        """For cards: whoever proves an identity sees its skills; anyone else none."""
+        found = await self.authenticate(request)
+        return found if isinstance(found, Principal) else None
+
+
 def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
     """The ASGI app of one gateway. `front` is the MCP server for this transport."""
     manager = StreamableHTTPSessionManager(
@@ -352,6 +394,7 @@ def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
     )
     mcp = McpEndpoint(host, manager)
     approvals = ApprovalsEndpoint(host, mcp, listen_host)
+    guard = A2AGuard(mcp, listen_host)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -391,6 +434,7 @@ def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
             Route("/.well-known/oauth-protected-resource/mcp", resource_metadata, methods=["GET"]),
             Route("/.well-known/oauth-protected-resource", resource_metadata, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            *a2a_routes(host, guard.authenticate, guard.authenticate_optional, lambda: host.push),
         ],
         lifespan=lifespan,
     )

@@ -29,12 +29,15 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from adapters.base import PreparedTool
 from gateway import paths
+from gateway.a2a_cards import check_agents
+from gateway.a2a_push import PushService
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.dispatch import AllowConfiguredTools, Dispatcher, Policy
 from gateway.http_app import build_app, build_authenticator
 from gateway.mcp_front import LiveSessions, McpFront
 from gateway.registry import Registry
 from gateway.runtime import DurableRuntime
+from gateway.state_client import StateClient
 from gateway.stdio import local_principal, protocol_stdout, run_stdio
 from identity.tls import PEER_KEY, TLS_EXTENSION, ServerTls, peer_from_transport
 from policies.evaluator import PolicyEngine
@@ -90,6 +93,7 @@ class Gateway:
         self._reload_lock = asyncio.Lock()
         self._policy: LoadedPolicies | None = None
         self._policy_refresh: asyncio.Task[None] | None = None
+        self._push: PushService | None = None
 
     @property
     def config(self) -> GatewayConfig:
@@ -113,6 +117,11 @@ class Gateway:
             raise RuntimeError("the gateway is not started")
         return self._dispatcher
 
+    @property
+    def push(self) -> PushService | None:
+        """A2A push notifications (None when the A2A front door is off)."""
+        return self._push
+
     def _lookup(self, name: str) -> PreparedTool | None:
         # Read through self, so a reloaded registry serves the activities too.
         return self._registry.get(name) if self._registry is not None else None
@@ -122,6 +131,7 @@ class Gateway:
         not load (nothing started yet) and `GatewayStartError` if the engine does not start
         (whatever had started is stopped)."""
         registry = await asyncio.to_thread(Registry.from_config, self._config)
+        check_agents(self._config)
         policy = await asyncio.to_thread(load_policy, self._config)
         try:
             paths.ensure_data_dir(self.data_dir)
@@ -142,6 +152,11 @@ class Gateway:
         self._policy = policy
         if policy.store is not None:
             self._policy_refresh = asyncio.create_task(self._refresh_policies(policy.store))
+        if self._config.a2a.enabled:
+            state = StateClient(runtime.address, runtime.metadata)
+            self._push = PushService(lambda: self.dispatcher, state, lambda: self.config.a2a.push)
+            # Tasks whose final state was not pushed yet (the gateway was down): push it now.
+            await self._push.resume()
         log.info("gateway started: %d tool(s), data in %s", len(registry), self.data_dir)
 
     async def _refresh_policies(self, store: PolicyStore) -> None:
@@ -162,6 +177,9 @@ class Gateway:
         refresh, self._policy_refresh = self._policy_refresh, None
         if refresh is not None:
             refresh.cancel()
+        push, self._push = self._push, None
+        if push is not None:
+            await push.close()
         runtime, self._runtime = self._runtime, None
         self._dispatcher = None
         if runtime is not None:
@@ -173,6 +191,7 @@ class Gateway:
         does not load. Listen address, engine and data directory need a restart."""
         async with self._reload_lock:
             registry = await asyncio.to_thread(Registry.from_config, config)
+            check_agents(config)
             # A broken trust bundle refuses the whole reload, as a broken tool does.
             await asyncio.to_thread(build_authenticator, config)
             old = self._config
