@@ -385,6 +385,9 @@ class IdentityConfig(_Strict):
 class PolicyConfig(_Strict):
     # The directory of tenant policy files (a later issue).
     dir: ConfigPath | None = None
+    # The CEL library of policy conditions (policies/cel.py); unset: $DURAGATE_CEL_BACKEND,
+    # else cel-expr-python.
+    cel: Literal["cel-expr-python", "cel-python"] | None = None
 
 
 class LimitsConfig(_Strict):

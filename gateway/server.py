@@ -60,7 +60,7 @@ def load_policy(config: GatewayConfig) -> LoadedPolicies:
     directory = config.policy.dir
     if directory is None:
         return LoadedPolicies(AllowConfiguredTools(), None)
-    store = PolicyStore.open(Path(directory), strict=True)
+    store = PolicyStore.open(Path(directory), strict=True, cel=config.policy.cel)
     return LoadedPolicies(PolicyEngine(store), store)
 
 
