@@ -390,6 +390,14 @@ class PolicyConfig(_Strict):
     cel: Literal["cel-expr-python", "cel-python"] | None = None
 
 
+class AuditConfig(_Strict):
+    # The audit log (gateway/audit.py): a JSON-lines file, or "-" for stdout; unset:
+    # audit.jsonl in the data directory.
+    path: Literal["-"] | ConfigPath | None = None
+    # Records waiting for the writer; beyond this they are dropped (and counted), not waited for.
+    max_pending: int = Field(default=10_000, ge=1)
+
+
 class LimitsConfig(_Strict):
     max_body_bytes: int = Field(default=MiB, ge=1024)
     # How long a plain (non-task) call is waited for before it must finish or become a task.
@@ -475,6 +483,7 @@ class GatewayConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EmbeddedEngineConfig)
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     tools: list[ToolConfig] = Field(default_factory=list)
 

@@ -29,6 +29,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from adapters.base import PreparedTool
 from gateway import paths
+from gateway.audit import AUDIT_FILE_NAME, AuditLog
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.dispatch import AllowConfiguredTools, Dispatcher, Policy
 from gateway.http_app import build_app, build_authenticator
@@ -81,6 +82,7 @@ class Gateway:
         self._reload_lock = asyncio.Lock()
         self._policy: LoadedPolicies | None = None
         self._policy_refresh: asyncio.Task[None] | None = None
+        self._audit: AuditLog | None = None
 
     @property
     def config(self) -> GatewayConfig:
@@ -118,6 +120,13 @@ class Gateway:
             paths.ensure_data_dir(self.data_dir)
         except paths.DataDirError as exc:
             raise GatewayStartError(str(exc)) from None
+        audit_target = self._config.audit.path or self.data_dir / AUDIT_FILE_NAME
+        try:
+            audit = await asyncio.to_thread(
+                AuditLog.open, audit_target, max_pending=self._config.audit.max_pending
+            )
+        except OSError as exc:
+            raise GatewayStartError(f"cannot open the audit log {audit_target}: {exc}") from None
         runtime = DurableRuntime(
             self._config.engine, paths.engine_db_path(self.data_dir), self._lookup
         )
@@ -126,10 +135,12 @@ class Gateway:
             await runtime.start()  # stops what it started if it fails
         except Exception as exc:
             self._registry = None
+            await asyncio.to_thread(audit.close)
             kind = self._config.engine.kind
             raise GatewayStartError(f"the workflow engine ({kind}) did not start: {exc}") from exc
         self._runtime = runtime
-        self._dispatcher = Dispatcher(registry, runtime, policy=policy.engine)
+        self._dispatcher = Dispatcher(registry, runtime, policy=policy.engine, audit=audit)
+        self._audit = audit
         self._policy = policy
         if policy.store is not None:
             self._policy_refresh = asyncio.create_task(self._refresh_policies(policy.store))
@@ -157,6 +168,9 @@ class Gateway:
         self._dispatcher = None
         if runtime is not None:
             await runtime.stop()
+        audit, self._audit = self._audit, None
+        if audit is not None:
+            await asyncio.to_thread(audit.close)  # what is pending is written first
 
     async def reload(self, config: GatewayConfig) -> None:
         """Swap in the tools (and limits, identity settings) of `config` and tell every live
@@ -167,7 +181,7 @@ class Gateway:
             # A broken trust bundle refuses the whole reload, as a broken tool does.
             await asyncio.to_thread(build_authenticator, config)
             old = self._config
-            for key in ("listen", "engine", "data_dir", "policy"):
+            for key in ("listen", "engine", "data_dir", "policy", "audit"):
                 if getattr(old, key) != getattr(config, key):
                     log.warning("config reload: %r changed; it takes effect at restart", key)
             self._config = config

@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from gateway.audit import audit_obligations
 from gateway.config import ConfigError
 from gateway.dispatch import DispatchError
 from identity.principal import Principal
@@ -119,8 +120,21 @@ class PolicyEngine:
     ) -> dict[str, Any] | None:
         decision = self.decide(principal, tool, arguments)
         if decision.effect == "deny":
-            raise DispatchError("denied", decision.reason, {"rule": decision.rule})
-        return decision.obligations
+            error = DispatchError("denied", decision.reason, {"rule": decision.rule})
+            error.audit = self._audit_of(principal, tool)
+            raise error
+        # Who decided, for the audit log (the dispatcher reads it; it is no obligation).
+        about = {"effect": decision.effect, "rule": decision.rule, "reason": decision.reason}
+        return {**decision.obligations, "decision": about}
+
+    def _audit_of(self, principal: Principal, tool: str) -> dict[str, Any] | None:
+        """The audit level and redact paths the tool's rules set, for the record of a refusal
+        (a denial carries no obligations, but its arguments deserve the same care)."""
+        policy = self.store.get(principal.tenant)
+        if policy is None:
+            return None
+        merged = _merge(policy.rules_for(tool))
+        return audit_obligations(merged)
 
     def may_list(self, principal: Principal, tool: str) -> bool:
         try:

@@ -443,6 +443,7 @@ def test_check_call_is_the_dispatch_seam(engine: PolicyEngine) -> None:
     assert engine.check_call(who(ALICE), "open", {}) == {
         "timeout_seconds": 30.0,
         "audit": "standard",
+        "decision": {"effect": "allow", "rule": "acme.yaml:tools[open].call", "reason": "allowed"},
     }
     obligations = engine.check_call(who(ALICE), "pay", {"amount": 5000})
     assert obligations is not None and obligations["approval"]["expires_seconds"] == 600.0
@@ -451,6 +452,10 @@ def test_check_call_is_the_dispatch_seam(engine: PolicyEngine) -> None:
     assert info.value.code == "denied"
     assert info.value.message == "too much"
     assert info.value.data == {"rule": "acme.yaml:tools[pay].deny[0]"}
+    assert info.value.audit == {"level": "standard"}  # for the audit log, not the caller
+    with pytest.raises(DispatchError) as info:
+        engine.check_call(who(ALICE), "report_secret", {})  # not hers to call
+    assert info.value.audit == {"level": "full", "redact": ["result.secret"]}
 
 
 @pytest.mark.parametrize(
