@@ -267,7 +267,7 @@ class Dispatcher:
         else:
             task_id = secrets.token_hex(16)  # unguessable: the task id is a capability
         try:
-            ticket = self.admission.admit(
+            ticket = await self.admission.acquire(
                 req.principal.tenant,
                 req.principal.id,
                 req.tool,

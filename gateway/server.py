@@ -38,7 +38,9 @@ from gateway.registry import Registry
 from gateway.runtime import DurableRuntime
 from gateway.stdio import local_principal, protocol_stdout, run_stdio
 from identity.tls import PEER_KEY, TLS_EXTENSION, ServerTls, peer_from_transport
+from policies.budgets import DaprBudgets
 from policies.evaluator import PolicyEngine
+from policies.limits import Admission
 from policies.loader import PolicyStore
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ class Gateway:
         self._policy: LoadedPolicies | None = None
         self._policy_refresh: asyncio.Task[None] | None = None
         self._audit: AuditLog | None = None
+        self._budgets: DaprBudgets | None = None
 
     @property
     def config(self) -> GatewayConfig:
@@ -139,7 +142,15 @@ class Gateway:
             kind = self._config.engine.kind
             raise GatewayStartError(f"the workflow engine ({kind}) did not start: {exc}") from exc
         self._runtime = runtime
-        self._dispatcher = Dispatcher(registry, runtime, policy=policy.engine, audit=audit)
+        # Budgets are counted in the engine's state store, so they survive restarts.
+        self._budgets = DaprBudgets(runtime.address)
+        self._dispatcher = Dispatcher(
+            registry,
+            runtime,
+            policy=policy.engine,
+            audit=audit,
+            admission=Admission(budgets=self._budgets),
+        )
         self._audit = audit
         self._policy = policy
         if policy.store is not None:
@@ -166,6 +177,9 @@ class Gateway:
             refresh.cancel()
         runtime, self._runtime = self._runtime, None
         self._dispatcher = None
+        budgets, self._budgets = self._budgets, None
+        if budgets is not None:
+            await asyncio.to_thread(budgets.close)
         if runtime is not None:
             await runtime.stop()
         audit, self._audit = self._audit, None
