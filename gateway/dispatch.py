@@ -281,7 +281,7 @@ class Dispatcher:
             if req.idempotency_key:
                 state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
             if state is not None:
-                view = self._replay(task_id, state, digest)
+                view = self._replay(task_id, state, digest, req.principal)
                 self.audit.record("replayed", req.principal, req.tool, task=task_id, audit=audit)
                 return view
             self.audit.record(
@@ -299,7 +299,7 @@ class Dispatcher:
             raise DispatchError("limited", exc.message, data) from None
         try:
             if req.idempotency_key:
-                replay = await self._start_idempotent(task_id, call, digest)
+                replay = await self._start_idempotent(task_id, call, digest, req.principal)
             else:
                 replay = None
                 await self._schedule(task_id, call)
@@ -353,7 +353,7 @@ class Dispatcher:
             ) from exc
 
     async def _start_idempotent(
-        self, task_id: str, call: dict[str, Any], digest: str
+        self, task_id: str, call: dict[str, Any], digest: str, principal: Principal
     ) -> CallView | None:
         """Start under the derived id unless it exists; if it does, replay it (same arguments)
         or refuse (different ones). The SDK client cannot ask for a unique id, so this start
@@ -375,13 +375,20 @@ class Dispatcher:
                 ) from exc
         state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
         if state is None:  # purged between the two calls: start again
-            return await self._start_idempotent(task_id, call, digest)
-        return self._replay(task_id, state, digest)
+            return await self._start_idempotent(task_id, call, digest, principal)
+        return self._replay(task_id, state, digest, principal)
 
-    def _replay(self, task_id: str, state: Any, digest: str) -> CallView:
+    def _replay(self, task_id: str, state: Any, digest: str, principal: Principal) -> CallView:
         """The stored call under an idempotency key: replayed if its arguments are the same,
-        refused if they differ."""
+        refused if they differ. Keys are per tenant (the id is derived from it); within a
+        tenant a call is its caller's: another caller gets neither the call nor its result."""
         stored = json.loads(state.serialized_input or "{}")
+        owner = stored.get("principal") or {}
+        if owner.get("tenant") != principal.tenant or owner.get("id") != principal.id:
+            raise DispatchError(
+                "idempotency_conflict",
+                "this idempotency key was already used by another caller; use a new key",
+            )
         if stored.get("arguments_hash") != digest:
             raise DispatchError(
                 "idempotency_conflict",
