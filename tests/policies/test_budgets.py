@@ -12,7 +12,7 @@ import pytest
 
 from gateway.sidecar.server import SidecarThread
 from gateway.sidecar.settings import SidecarSettings
-from policies.budgets import DaprBudgets
+from policies.budgets import STORE, DaprBudgets, lease_size
 from policies.limits import Admission, LimitExceeded
 
 ALICE = "spiffe://acme.test/people/alice"
@@ -138,3 +138,59 @@ async def test_an_unreachable_store_refuses(tmp_path: Path) -> None:
         assert info.value.retry_after_seconds == 1.0
     finally:
         budgets.close()
+
+
+async def spend_until_refused(budgets: DaprBudgets, budget: dict[str, object]) -> int:
+    spent = 0
+    while True:
+        try:
+            await budgets.spend("acme", "add", ALICE, budget)
+        except LimitExceeded:
+            return spent
+        spent += 1
+
+
+def taken(budgets: DaprBudgets, clock: Clock, per: float) -> int:
+    key = budgets.key("acme", "add", "tenant", per, int(clock.now // per))
+    return int(budgets._connected().get_state(STORE, key).data or 0)
+
+
+async def test_blocks_of_units_are_never_spent_twice(sidecar: SidecarThread) -> None:
+    """With 1000 calls a period a process takes 10 units at a time: two processes spending
+    in turn get exactly 1000 between them."""
+    clock = Clock()
+    budget = {"calls": 1000, "per_seconds": 3600.0}
+    assert lease_size(1000) == 10 and lease_size(150) == 1 and lease_size(10**9) == 50
+    first = DaprBudgets(sidecar.grpc_address, clock=clock)
+    second = DaprBudgets(sidecar.grpc_address, clock=clock)
+    try:
+        got = await outcomes([first, second], 1100, budget)
+        assert got.count(True) == 1000
+        assert taken(first, clock, 3600.0) == 1000
+    finally:
+        first.close()
+        second.close()
+
+
+async def test_a_clean_stop_returns_its_block_and_a_crash_loses_at_most_it(
+    sidecar: SidecarThread,
+) -> None:
+    clock = Clock()
+    budget = {"calls": 1000, "per_seconds": 3600.0}
+    stopped = DaprBudgets(sidecar.grpc_address, clock=clock)
+    await stopped.spend("acme", "add", ALICE, budget)  # takes a block of 10, spends 1
+    assert taken(stopped, clock, 3600.0) == 10
+    stopped.close()  # gives the 9 unspent units back
+    crashed = DaprBudgets(sidecar.grpc_address, clock=clock)
+    try:
+        assert taken(crashed, clock, 3600.0) == 1
+        await crashed.spend("acme", "add", ALICE, budget)  # takes 10, then "dies": no close
+        survivor = DaprBudgets(sidecar.grpc_address, clock=clock)
+        try:
+            # 1 + 10 taken: the crashed process's 9 unspent units are lost, never double spent.
+            assert await spend_until_refused(survivor, budget) == 989
+        finally:
+            survivor.close()
+    finally:
+        crashed._leases.clear()  # what a crash does to its blocks
+        crashed.close()
