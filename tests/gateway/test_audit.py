@@ -225,21 +225,24 @@ def test_a_full_disk_drops_records_and_calls_go_on(caplog: pytest.LogCaptureFixt
 
 def test_a_full_queue_drops_instead_of_waiting(tmp_path: Path) -> None:
     audit = AuditLog.open(tmp_path / "audit.jsonl", max_pending=2, echo=False)
-    gate = threading.Event()
+    entered, gate = threading.Event(), threading.Event()
     original = audit._write
 
-    def slow(lines: Any) -> None:
-        gate.wait(10)
+    def slow(lines: Any) -> None:  # a disk that stalls
+        entered.set()
+        gate.wait(30)
         original(lines)
 
     audit._write = slow  # type: ignore[method-assign]
+    audit.record("denied", ALICE, "add", reason="first")
+    assert entered.wait(30)  # the writer is stuck on the first record
     for i in range(20):
-        audit.record("denied", ALICE, "add", reason=str(i))
-    assert audit.dropped >= 17  # one in the writer's hands, two queued, the rest dropped
+        audit.record("denied", ALICE, "add", reason=str(i))  # returns at once
+    assert audit.dropped == 18  # two wait in the queue, the rest are dropped
     gate.set()
     audit.close()
     lines = (tmp_path / "audit.jsonl").read_text().splitlines()
-    assert len(lines) == 20 - audit.dropped
+    assert [json.loads(line)["reason"] for line in lines] == ["first", "0", "1"]
     assert os.stat(tmp_path / "audit.jsonl").st_mode & 0o077 == 0  # private to the gateway
 
 

@@ -95,6 +95,16 @@ class Setup:
         path = self.gateway.data_dir / "audit.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()]
 
+    def audited(self, count: int, **match: str) -> list[dict[str, Any]]:
+        """The records matching `match`, once there are `count` (the gateway writes its audit
+        log from a background thread)."""
+        deadline = time.monotonic() + 30
+        while True:
+            found = [r for r in self.audit() if all(r.get(k) == v for k, v in match.items())]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.1)
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
@@ -187,7 +197,7 @@ async def test_calling_another_tenants_tool_is_an_unknown_tool(setup: Setup) -> 
     assert theirs.value.error.code == unknown.value.error.code == types.INVALID_PARAMS
     assert theirs.value.error.message == "unknown tool 'add'"
     assert as_task.value.error.message == "unknown tool 'add'"
-    records = [r for r in setup.audit() if r["principal"] == MALLORY and r["tool"] == "add"]
+    records = setup.audited(2, principal=MALLORY, tool="add")
     assert [r["event"] for r in records] == ["refused", "refused"]  # and nothing scheduled
     assert all(r["tenant"] == "team-b" for r in records)
 
