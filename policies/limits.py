@@ -1,12 +1,13 @@
 """Admission: the rate, concurrency and budget obligations of a call, enforced before scheduling.
 
-    admission = Admission()
-    ticket = admission.admit("acme", principal.id, "add", decision.obligations, hold_seconds=70)
+    admission = Admission(budgets=DaprBudgets(address))    # or Admission(): all in memory
+    ticket = await admission.acquire("acme", principal.id, "add", obligations, hold_seconds=70)
     ...                                  # schedule the call
     admission.bind(task_id, ticket)      # when it ends: admission.release(task_id)
 
-`admit` raises `LimitExceeded(limit, retry_after_seconds, message)` naming the limit that
-refused. All three limits count per (tenant, tool), as the policy file states them per tool:
+`acquire` and `admit` raise `LimitExceeded(limit, retry_after_seconds, message)` naming the
+limit that refused. The limits count per (tenant, tool), as the policy file states them per
+tool (a budget may also count per caller):
 - rate `{calls, per_seconds}`: a token bucket of `calls` tokens refilled at `calls/per_seconds`,
   kept as GCRA (one "theoretical arrival time" per key: O(1) memory, no timestamps list). A
   burst of `calls` goes through at once, then one call every `per_seconds/calls`: the long-run
