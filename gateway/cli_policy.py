@@ -9,6 +9,10 @@ from typing import Annotated
 
 import typer
 
+CEL_HELP = (
+    "CEL backend: cel-expr-python or cel-python "
+    "(default: $DURAGATE_CEL_BACKEND, else cel-expr-python)."
+)
 policy_app = typer.Typer(help="Tenant policy files: validate them, explain a decision.")
 
 
@@ -17,11 +21,16 @@ def check(
     paths: Annotated[
         list[Path], typer.Argument(help="Policy files, or directories of <tenant>.yaml files.")
     ],
+    cel: Annotated[str | None, typer.Option("--cel", help=CEL_HELP)] = None,
 ) -> None:
     """Validate policy files: every problem with its file, line and key; exit 1 if any."""
     from policies.loader import check_paths
 
-    problems = check_paths(paths)
+    try:
+        problems = check_paths(paths, cel)
+    except ValueError as exc:  # an unknown CEL backend
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     for line in problems:
         typer.echo(line, err=True)
     if problems:
@@ -39,6 +48,7 @@ def explain(
     chain: Annotated[
         list[str] | None, typer.Option("--chain", help="Delegating callers, outermost first.")
     ] = None,
+    cel: Annotated[str | None, typer.Option("--cel", help=CEL_HELP)] = None,
 ) -> None:
     """Print the decision for one call and the rule that made it."""
     from gateway.config import ConfigError
@@ -58,6 +68,7 @@ def explain(
             tool=tool,
             arguments=arguments,
             chain=tuple(chain or ()),
+            cel=cel,
         )
     except (ConfigError, ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -589,6 +589,17 @@ class IdentityConfig(_Strict):
 class PolicyConfig(_Strict):
     # The directory of tenant policy files (a later issue).
     dir: ConfigPath | None = None
+    # The CEL library of policy conditions (policies/cel.py); unset: $DURAGATE_CEL_BACKEND,
+    # else cel-expr-python.
+    cel: Literal["cel-expr-python", "cel-python"] | None = None
+
+
+class AuditConfig(_Strict):
+    # The audit log (gateway/audit.py): a JSON-lines file, or "-" for stdout; unset:
+    # audit.jsonl in the data directory.
+    path: Literal["-"] | ConfigPath | None = None
+    # Records waiting for the writer; beyond this they are dropped (and counted), not waited for.
+    max_pending: int = Field(default=10_000, ge=1)
 
 
 class LimitsConfig(_Strict):
@@ -736,6 +747,7 @@ class GatewayConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EmbeddedEngineConfig)
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     a2a: A2AConfig = Field(default_factory=A2AConfig)
     tools: list[ToolConfig] = Field(default_factory=list)

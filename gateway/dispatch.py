@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf import wrappers_pb2
 
+from gateway.audit import audit_obligations
 from gateway.runtime import DurableRuntime
 from gateway.sidecar.protos import pb
 from gateway.workflow import APPROVAL_EVENT, WORKFLOW_NAME, failure
@@ -48,6 +49,9 @@ class DispatchError(Exception):
         self.code = code
         self.message = message
         self.data = data
+        # For the audit log, never for the caller: the audit level and redact paths of the
+        # tool a refused call named (gateway.audit.audit_obligations).
+        self.audit: dict[str, Any] | None = None
 
 
 class CallState(StrEnum):
@@ -89,6 +93,7 @@ class CallView:
     arguments: dict[str, Any] | None = None
     # What an INPUT_REQUIRED call waits for: "approval" (a person the policy names).
     waiting_for: str | None = None
+    audit: dict[str, Any] | None = field(default=None, repr=False)  # the call's audit level
 
     @property
     def terminal(self) -> bool:
@@ -107,7 +112,8 @@ class Policy(Protocol):
         self, principal: Principal, tool: str, arguments: dict[str, Any]
     ) -> dict[str, Any] | None:
         """Raise DispatchError("denied", ...) to refuse; return obligations to attach to the
-        call (today: `{"approval": {"expires_seconds": N}}` makes it wait for a person)."""
+        call (today: `{"approval": {"expires_seconds": N}}` makes it wait for a person). A
+        `decision` entry (`{"effect", "rule", "reason"}`) is only for the audit log."""
 
     def may_approve(self, approver: Principal, tool: str, caller: dict[str, Any]) -> bool: ...
 
@@ -136,17 +142,22 @@ class Audit(Protocol):
 
 
 class LogAudit:
-    """Decisions to the log until the audit log exists; never the arguments themselves."""
+    """Decisions to the log, for a dispatcher built without an audit log (gateway.audit is the
+    real one); never the arguments or results themselves."""
 
     def record(self, event: str, principal: Principal, tool: str | None, **details: Any) -> None:
+        shown = {k: v for k, v in details.items() if k not in _NOT_LOGGED}
         log.info(
             "audit %s tool=%s principal=%s tenant=%s %s",
             event,
             tool,
             principal.id,
             principal.tenant,
-            " ".join(f"{k}={v}" for k, v in details.items()),
+            " ".join(f"{k}={v}" for k, v in shown.items()),
         )
+
+
+_NOT_LOGGED = frozenset({"arguments", "result", "audit"})
 
 
 class ToolRegistry(Protocol):
@@ -216,9 +227,31 @@ class Dispatcher:
         try:
             obligations = self.policy.check_call(req.principal, req.tool, req.arguments) or {}
         except DispatchError as exc:
-            self.audit.record("denied", req.principal, req.tool, reason=exc.message)
+            rule = exc.data.get("rule") if isinstance(exc.data, dict) else None
+            self.audit.record(
+                "denied",
+                req.principal,
+                req.tool,
+                rule=rule,
+                reason=exc.message,
+                arguments=req.arguments,
+                audit=exc.audit,
+            )
             raise
-        self._validate(req)
+        decided = obligations.get("decision") or {}
+        audit = audit_obligations(obligations)
+        try:
+            self._validate(req)
+        except DispatchError as exc:
+            self.audit.record(
+                "refused",
+                req.principal,
+                req.tool,
+                reason=exc.message,
+                arguments=req.arguments,
+                audit=audit,
+            )
+            raise
         spec = tool.spec
         digest = arguments_hash(req.arguments)
         call = {
@@ -234,13 +267,14 @@ class Dispatcher:
             "trace": req.trace_context or {},
             "approval": obligations.get("approval"),
             "context_id": req.context_id,
+            "audit": audit,  # so the result is audited at the level of the decision
         }
         if req.idempotency_key:
             task_id = idempotent_task_id(req.principal, req.tool, req.idempotency_key)
         else:
             task_id = secrets.token_hex(16)  # unguessable: the task id is a capability
         try:
-            ticket = self.admission.admit(
+            ticket = await self.admission.acquire(
                 req.principal.tenant,
                 req.principal.id,
                 req.tool,
@@ -254,21 +288,25 @@ class Dispatcher:
             if req.idempotency_key:
                 state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
             if state is not None:
-                view = self._replay(task_id, state, digest)
-                self.audit.record("replayed", req.principal, req.tool, task=task_id)
+                view = self._replay(task_id, state, digest, req.principal)
+                self.audit.record("replayed", req.principal, req.tool, task=task_id, audit=audit)
                 return view
             self.audit.record(
                 "limited",
                 req.principal,
                 req.tool,
+                rule=decided.get("rule"),
+                reason=exc.message,
                 limit=exc.limit,
                 retry_after_seconds=exc.retry_after_seconds,
+                arguments=req.arguments,
+                audit=audit,
             )
             data = {"limit": exc.limit, "retry_after_seconds": exc.retry_after_seconds}
             raise DispatchError("limited", exc.message, data) from None
         try:
             if req.idempotency_key:
-                replay = await self._start_idempotent(task_id, call, digest)
+                replay = await self._start_idempotent(task_id, call, digest, req.principal)
             else:
                 replay = None
                 await self._schedule(task_id, call)
@@ -277,11 +315,21 @@ class Dispatcher:
             raise
         if replay is not None:
             ticket.refund()  # a replay runs nothing
-            self.audit.record("replayed", req.principal, req.tool, task=task_id)
+            self.audit.record("replayed", req.principal, req.tool, task=task_id, audit=audit)
             return replay
         # Released when a wait/get/list/cancel sees the call end, or at the ticket's expiry.
         self.admission.bind(task_id, ticket)
-        self.audit.record("scheduled", req.principal, req.tool, task=task_id)
+        self.audit.record(
+            "scheduled",
+            req.principal,
+            req.tool,
+            task=task_id,
+            outcome=decided.get("effect", "allow"),
+            rule=decided.get("rule"),
+            reason=decided.get("reason"),
+            arguments=req.arguments,
+            audit=audit,
+        )
         now = datetime.now(UTC)
         return CallView(
             task_id,
@@ -321,7 +369,7 @@ class Dispatcher:
             ) from exc
 
     async def _start_idempotent(
-        self, task_id: str, call: dict[str, Any], digest: str
+        self, task_id: str, call: dict[str, Any], digest: str, principal: Principal
     ) -> CallView | None:
         """Start under the derived id unless it exists; if it does, replay it (same arguments)
         or refuse (different ones). The SDK client cannot ask for a unique id, so this start
@@ -343,13 +391,20 @@ class Dispatcher:
                 ) from exc
         state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
         if state is None:  # purged between the two calls: start again
-            return await self._start_idempotent(task_id, call, digest)
-        return self._replay(task_id, state, digest)
+            return await self._start_idempotent(task_id, call, digest, principal)
+        return self._replay(task_id, state, digest, principal)
 
-    def _replay(self, task_id: str, state: Any, digest: str) -> CallView:
+    def _replay(self, task_id: str, state: Any, digest: str, principal: Principal) -> CallView:
         """The stored call under an idempotency key: replayed if its arguments are the same,
-        refused if they differ."""
+        refused if they differ. Keys are per tenant (the id is derived from it); within a
+        tenant a call is its caller's: another caller gets neither the call nor its result."""
         stored = json.loads(state.serialized_input or "{}")
+        owner = stored.get("principal") or {}
+        if owner.get("tenant") != principal.tenant or owner.get("id") != principal.id:
+            raise DispatchError(
+                "idempotency_conflict",
+                "this idempotency key was already used by another caller; use a new key",
+            )
         if stored.get("arguments_hash") != digest:
             raise DispatchError(
                 "idempotency_conflict",
@@ -364,8 +419,23 @@ class Dispatcher:
         state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
         view = self._owned_view(task_id, state, principal)
         if view.terminal:
-            self.admission.release(task_id)  # frees the concurrency slot of a task call
+            self._ended(view, principal)  # frees the concurrency slot of a task call
         return view
+
+    def _ended(self, view: CallView, principal: Principal) -> None:
+        """A view showed the call `view.task_id` ended: free its admission slot and, at the
+        `full` audit level, record its result (the audit log keeps one per task)."""
+        self.admission.release(view.task_id)
+        if view.audit and view.audit.get("level") == "full":
+            self.audit.record(
+                "result",
+                principal,
+                view.tool,
+                task=view.task_id,
+                outcome=view.state.value,
+                result=view.result if view.error is None else {"error": view.error},
+                audit=view.audit,
+            )
 
     def _owned_view(self, task_id: str, state: Any, principal: Principal) -> CallView:
         if state is None or state.name != WORKFLOW_NAME:
@@ -391,6 +461,7 @@ class Dispatcher:
             message=custom.get("message"),
             context_id=call.get("context_id"),
             arguments=call.get("arguments"),
+            audit=call.get("audit"),
         )
         if custom.get("state") == "waiting_approval":
             view.state = CallState.INPUT_REQUIRED
@@ -427,7 +498,7 @@ class Dispatcher:
         the view `submit` just returned for this principal: it spares a read of the task."""
         view = known if known is not None else await self.get(task_id, principal)
         if view.terminal:
-            self.admission.release(task_id)
+            self._ended(view, principal)
             return view
         client = self.runtime.client
         completion = asyncio.ensure_future(
@@ -448,7 +519,7 @@ class Dispatcher:
             completion.cancel()
         view = self._owned_view(task_id, state, principal)
         if view.terminal:
-            self.admission.release(task_id)  # plain calls: the front door's wait ends them
+            self._ended(view, principal)  # plain calls: the front door's wait ends them
         return view
 
     async def _follow(
@@ -510,7 +581,18 @@ class Dispatcher:
             "arguments_hash": call.get("arguments_hash"),
         }
         await self.runtime.client.raise_workflow_event(task_id, APPROVAL_EVENT, data=decision)
-        self.audit.record("approved" if approved else "rejected", approver, view.tool, task=task_id)
+        owner = call.get("principal") or {}
+        self.audit.record(
+            "approved" if approved else "rejected",
+            approver,
+            view.tool,
+            task=task_id,
+            rule=(call.get("approval") or {}).get("rule"),
+            reason=reason or None,
+            caller=owner.get("id"),
+            arguments=call.get("arguments"),
+            audit=view.audit,
+        )
         return view
 
     async def cancel(self, task_id: str, principal: Principal) -> CallView:
@@ -520,7 +602,7 @@ class Dispatcher:
         output = failure("cancelled", f"cancelled by {principal.id}")
         await self.runtime.client.terminate_workflow(task_id, output=output, recursive=True)
         self.admission.release(task_id)  # terminated: its slot is free whatever happens next
-        self.audit.record("cancelled", principal, view.tool, task=task_id)
+        self.audit.record("cancelled", principal, view.tool, task=task_id, audit=view.audit)
         for _ in range(50):
             view = await self.get(task_id, principal)
             if view.terminal:
@@ -545,7 +627,7 @@ class Dispatcher:
                 except DispatchError:
                     continue
                 if view.terminal:
-                    self.admission.release(task_id)
+                    self._ended(view, principal)
                 views.append(view)
                 if len(views) >= limit:
                     return views, task_id

@@ -31,6 +31,7 @@ from adapters.base import PreparedTool
 from gateway import paths
 from gateway.a2a_cards import check_agents
 from gateway.a2a_push import PushService
+from gateway.audit import AUDIT_FILE_NAME, AuditLog
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.dispatch import AllowConfiguredTools, Dispatcher, Policy
 from gateway.http_app import build_app, build_authenticator
@@ -40,7 +41,9 @@ from gateway.runtime import DurableRuntime
 from gateway.state_client import StateClient
 from gateway.stdio import local_principal, protocol_stdout, run_stdio
 from identity.tls import PEER_KEY, TLS_EXTENSION, ServerTls, peer_from_transport
+from policies.budgets import DaprBudgets
 from policies.evaluator import PolicyEngine
+from policies.limits import Admission
 from policies.loader import PolicyStore
 
 log = logging.getLogger(__name__)
@@ -63,7 +66,7 @@ def load_policy(config: GatewayConfig) -> LoadedPolicies:
     directory = config.policy.dir
     if directory is None:
         return LoadedPolicies(AllowConfiguredTools(), None)
-    store = PolicyStore.open(Path(directory), strict=True)
+    store = PolicyStore.open(Path(directory), strict=True, cel=config.policy.cel)
     return LoadedPolicies(PolicyEngine(store), store)
 
 
@@ -94,6 +97,8 @@ class Gateway:
         self._policy: LoadedPolicies | None = None
         self._policy_refresh: asyncio.Task[None] | None = None
         self._push: PushService | None = None
+        self._audit: AuditLog | None = None
+        self._budgets: DaprBudgets | None = None
 
     @property
     def config(self) -> GatewayConfig:
@@ -137,6 +142,13 @@ class Gateway:
             paths.ensure_data_dir(self.data_dir)
         except paths.DataDirError as exc:
             raise GatewayStartError(str(exc)) from None
+        audit_target = self._config.audit.path or self.data_dir / AUDIT_FILE_NAME
+        try:
+            audit = await asyncio.to_thread(
+                AuditLog.open, audit_target, max_pending=self._config.audit.max_pending
+            )
+        except OSError as exc:
+            raise GatewayStartError(f"cannot open the audit log {audit_target}: {exc}") from None
         runtime = DurableRuntime(
             self._config.engine, paths.engine_db_path(self.data_dir), self._lookup
         )
@@ -145,10 +157,20 @@ class Gateway:
             await runtime.start()  # stops what it started if it fails
         except Exception as exc:
             self._registry = None
+            await asyncio.to_thread(audit.close)
             kind = self._config.engine.kind
             raise GatewayStartError(f"the workflow engine ({kind}) did not start: {exc}") from exc
         self._runtime = runtime
-        self._dispatcher = Dispatcher(registry, runtime, policy=policy.engine)
+        # Budgets are counted in the engine's state store, so they survive restarts.
+        self._budgets = DaprBudgets(runtime.address)
+        self._dispatcher = Dispatcher(
+            registry,
+            runtime,
+            policy=policy.engine,
+            audit=audit,
+            admission=Admission(budgets=self._budgets),
+        )
+        self._audit = audit
         self._policy = policy
         if policy.store is not None:
             self._policy_refresh = asyncio.create_task(self._refresh_policies(policy.store))
@@ -182,8 +204,14 @@ class Gateway:
             await push.close()
         runtime, self._runtime = self._runtime, None
         self._dispatcher = None
+        budgets, self._budgets = self._budgets, None
+        if budgets is not None:
+            await asyncio.to_thread(budgets.close)
         if runtime is not None:
             await runtime.stop()
+        audit, self._audit = self._audit, None
+        if audit is not None:
+            await asyncio.to_thread(audit.close)  # what is pending is written first
 
     async def reload(self, config: GatewayConfig) -> None:
         """Swap in the tools (and limits, identity settings) of `config` and tell every live
@@ -195,7 +223,7 @@ class Gateway:
             # A broken trust bundle refuses the whole reload, as a broken tool does.
             await asyncio.to_thread(build_authenticator, config)
             old = self._config
-            for key in ("listen", "engine", "data_dir", "policy"):
+            for key in ("listen", "engine", "data_dir", "policy", "audit"):
                 if getattr(old, key) != getattr(config, key):
                     log.warning("config reload: %r changed; it takes effect at restart", key)
             self._config = config

@@ -36,13 +36,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from celpy import celtypes
-
+from gateway.audit import audit_obligations
 from gateway.config import ConfigError
 from gateway.dispatch import DispatchError
 from identity.principal import Principal
 from identity.spiffe_id import SpiffeId, SpiffeIdError
-from policies.cel import Bindings, Condition, Outcome, evaluate, to_cel
+from policies.cel import (
+    Bindings,
+    CelBackend,
+    Condition,
+    Outcome,
+    PreparedCaller,
+    evaluate,
+    prepare_caller,
+)
 from policies.loader import (
     SUFFIX,
     ApprovalCheck,
@@ -87,7 +94,7 @@ class _Caller:
 
     spiffe_id: SpiffeId | None  # None: not a valid SPIFFE ID
     member: bool
-    cel: Any  # the `caller` variable, as a CEL map
+    cel: PreparedCaller | None  # the `caller` variable, in the policy's CEL backend's form
 
 
 class _Denied(Exception):
@@ -113,8 +120,21 @@ class PolicyEngine:
     ) -> dict[str, Any] | None:
         decision = self.decide(principal, tool, arguments)
         if decision.effect == "deny":
-            raise DispatchError("denied", decision.reason, {"rule": decision.rule})
-        return decision.obligations
+            error = DispatchError("denied", decision.reason, {"rule": decision.rule})
+            error.audit = self._audit_of(principal, tool)
+            raise error
+        # Who decided, for the audit log (the dispatcher reads it; it is no obligation).
+        about = {"effect": decision.effect, "rule": decision.rule, "reason": decision.reason}
+        return {**decision.obligations, "decision": about}
+
+    def _audit_of(self, principal: Principal, tool: str) -> dict[str, Any] | None:
+        """The audit level and redact paths the tool's rules set, for the record of a refusal
+        (a denial carries no obligations, but its arguments deserve the same care)."""
+        policy = self.store.get(principal.tenant)
+        if policy is None:
+            return None
+        merged = _merge(policy.rules_for(tool))
+        return audit_obligations(merged)
 
     def may_list(self, principal: Principal, tool: str) -> bool:
         try:
@@ -122,6 +142,7 @@ class PolicyEngine:
             sid = caller.spiffe_id
             assert sid is not None
             rules = policy.rules_for(tool)
+            assert caller.cel is not None
             bindings = Bindings(caller.cel, tool)
             for rule in rules:
                 for deny in rule.denies:
@@ -194,6 +215,7 @@ class PolicyEngine:
         granting = [r for r in rules if r.callers.admits(caller.spiffe_id)]
         if not granting:
             raise _Denied(default, f"{principal.id} may not call {tool!r}")
+        assert caller.cel is not None  # _admit refused principals without a SPIFFE ID
         bindings = Bindings(caller.cel, tool, arguments, now or datetime.now(UTC))
 
         for rule in rules:
@@ -294,18 +316,15 @@ def _caller_facts(policy: LoadedPolicy, principal: Principal) -> _Caller:
         sid = SpiffeId.parse(principal.id)
     except SpiffeIdError:
         return _Caller(None, False, None)
-    cel = to_cel(
-        {
-            "id": principal.id,
-            "trust_domain": sid.trust_domain,
-            "path": sid.path,
-            "via": principal.via,
-            "groups": policy.groups_of(sid),
-            "chain": list(principal.chain),
-        }
-    )
-    assert isinstance(cel, celtypes.MapType)
-    return _Caller(sid, policy.members.admits(sid), cel)
+    facts = {
+        "id": principal.id,
+        "trust_domain": sid.trust_domain,
+        "path": sid.path,
+        "via": principal.via,
+        "groups": policy.groups_of(sid),
+        "chain": list(principal.chain),
+    }
+    return _Caller(sid, policy.members.admits(sid), prepare_caller(policy.cel, facts))
 
 
 def _failed(outcome: Outcome) -> str:
@@ -344,13 +363,14 @@ def explain(
     via: str = "explain",
     now: datetime | None = None,
     max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
+    cel: CelBackend | str | None = None,
 ) -> Decision:
     """The decision for one call, against the tenant's file in `path` (a directory of policy
     files, or one file). A broken file raises ConfigError rather than explain a guess."""
     if not valid_tenant(tenant):
         raise ValueError(f"{tenant!r} is not a tenant name")
     file = path / f"{tenant}{SUFFIX}" if path.is_dir() else path
-    policy = load_policy_file(file)
+    policy = load_policy_file(file, cel)
     if policy.tenant != tenant:
         raise ConfigError.at(
             str(file), None, None, f"this is the policy of {policy.tenant!r}, not {tenant!r}"

@@ -1,12 +1,13 @@
 """Admission: the rate, concurrency and budget obligations of a call, enforced before scheduling.
 
-    admission = Admission()
-    ticket = admission.admit("acme", principal.id, "add", decision.obligations, hold_seconds=70)
+    admission = Admission(budgets=DaprBudgets(address))    # or Admission(): all in memory
+    ticket = await admission.acquire("acme", principal.id, "add", obligations, hold_seconds=70)
     ...                                  # schedule the call
     admission.bind(task_id, ticket)      # when it ends: admission.release(task_id)
 
-`admit` raises `LimitExceeded(limit, retry_after_seconds, message)` naming the limit that
-refused. All three limits count per (tenant, tool), as the policy file states them per tool:
+`acquire` and `admit` raise `LimitExceeded(limit, retry_after_seconds, message)` naming the
+limit that refused. The limits count per (tenant, tool), as the policy file states them per
+tool (a budget may also count per caller):
 - rate `{calls, per_seconds}`: a token bucket of `calls` tokens refilled at `calls/per_seconds`,
   kept as GCRA (one "theoretical arrival time" per key: O(1) memory, no timestamps list). A
   burst of `calls` goes through at once, then one call every `per_seconds/calls`: the long-run
@@ -15,11 +16,17 @@ refused. All three limits count per (tenant, tool), as the policy file states th
 - concurrency `{max}`: tickets in flight. A ticket is released when its call ends; each carries
   an expiry (`hold_seconds`) so a release that never comes (a caller that stops polling, a
   crash of the front door) frees the slot eventually instead of blocking the tool forever.
-- budget `{calls, per_seconds}`: calls per fixed period starting at the first call of the
-  period. Counted in memory, per process: a durable counter in the state store would cost an
-  engine round trip per call (the whole decision must stay under 500 µs) and has no atomic
-  increment in the sidecar's state API yet. So a restart forgets what was spent and N gateway
-  processes give N budgets; fine for overload protection, not yet for billing.
+- budget `{calls, per_seconds, per}`: calls per period, per tenant and tool (`per: tenant`)
+  or per calling principal too (`per: caller`). With a budget store (`policies.budgets`, what
+  the gateway uses: the sidecar's state store, etag-checked) the counters survive restarts and
+  are shared by every gateway process on that store; periods are then fixed wall-clock windows
+  from the epoch. Without one (tests, benchmarks) they are counted here, in memory, per
+  process, in periods starting at the first call of the period.
+Rate and concurrency stay in memory, per process: a restart forgets them, and N gateway
+processes give N times the rate and concurrency (they protect each process from overload).
+
+`acquire` (async) is the dispatcher's entry: `admit`'s in-memory checks, then the durable
+budget; a budget refusal gives back what `admit` took.
 
 Checks come before any counting: a call refused by one limit spends nothing on the others.
 Memory is bounded: at most `max_keys` (tenant, tool) keys, least recently used evicted (the
@@ -30,13 +37,14 @@ Thread-safe (one lock, never held across an await), so also safe on one event lo
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 DEFAULT_MAX_KEYS = 10_000
 # Beyond the longest a call can legitimately run: scheduling delay, activity start-up.
@@ -56,14 +64,31 @@ class LimitExceeded(Exception):
         self.message = message
 
 
+class BudgetStore(Protocol):
+    """Durable budget counters (policies.budgets.DaprBudgets)."""
+
+    async def spend(
+        self, tenant: str, tool: str, principal_id: str, budget: Mapping[str, Any]
+    ) -> Any:
+        """Spend one unit or raise LimitExceeded; returns a claim for `give_back`."""
+
+    async def give_back(self, claim: Any) -> None: ...
+
+
 @dataclass
 class _KeyState:
     """What one (tenant, tool) has spent."""
 
     rate_tat: float = 0.0  # GCRA: when the bucket would be full again
-    budget_start: float = -math.inf
-    budget_used: int = 0
     in_flight: dict[int, float] = field(default_factory=dict)  # ticket number -> expiry
+
+
+@dataclass
+class _Budget:
+    """What one (tenant, tool, scope) has spent of an in-memory budget."""
+
+    start: float = -math.inf
+    used: int = 0
 
 
 @dataclass
@@ -76,7 +101,9 @@ class Ticket:
     key: tuple[str, str]
     number: int
     rate_interval: float | None = None  # per_seconds/calls when a rate limit applied
-    budget_start: float | None = None  # the budget period it was counted in
+    budget_key: tuple[str, str, str] | None = None  # the in-memory budget it was counted in
+    budget_start: float | None = None  # and the period
+    budget_claim: Any = None  # a unit of a durable budget (BudgetStore.spend)
     holds_slot: bool = False
     expires_at: float = math.inf
     _done: bool = False
@@ -101,18 +128,46 @@ class Admission:
         *,
         max_keys: int = DEFAULT_MAX_KEYS,
         clock: Callable[[], float] = time.monotonic,
+        budgets: BudgetStore | None = None,
     ) -> None:
         if max_keys < 1:
             raise ValueError("max_keys must be at least 1")
         self.max_keys = max_keys
         self.clock = clock
+        self.budgets = budgets
         self._keys: OrderedDict[tuple[str, str], _KeyState] = OrderedDict()
+        self._budgets: OrderedDict[tuple[str, str, str], _Budget] = OrderedDict()
+        self._returns: set[asyncio.Task[None]] = set()  # durable units being given back
         self._tasks: dict[str, Ticket] = {}
         self._lock = threading.Lock()
         self._numbers = 0
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    async def acquire(
+        self,
+        tenant: str,
+        principal_id: str,
+        tool: str,
+        obligations: Mapping[str, Any],
+        *,
+        hold_seconds: float = 3600.0,
+    ) -> Ticket:
+        """`admit`, then the durable budget when there is a budget store; raises
+        LimitExceeded naming the limit. A budget refusal gives back what `admit` took."""
+        ticket = self.admit(tenant, principal_id, tool, obligations, hold_seconds=hold_seconds)
+        budget = obligations.get("budget")
+        if budget and self.budgets is not None:
+            try:
+                claim = await self.budgets.spend(tenant, tool, principal_id, budget)
+            except BaseException:
+                ticket.refund()
+                raise
+            if ticket is NO_LIMITS:
+                ticket = Ticket(self, (tenant, tool), 0)
+            ticket.budget_claim = claim
+        return ticket
 
     def admit(
         self,
@@ -123,12 +178,13 @@ class Admission:
         *,
         hold_seconds: float = 3600.0,
     ) -> Ticket:
-        """Admit a call or raise LimitExceeded. `principal_id` is not part of any key today
-        (limits are per tenant and tool); it is taken so per-caller limits need no new seam.
-        `hold_seconds`: how long a concurrency slot stays taken if nobody releases it."""
+        """Admit a call against the limits kept in memory, or raise LimitExceeded: rate,
+        concurrency, and the budget only when there is no budget store (`acquire` checks a
+        durable one). `principal_id` keys budgets with `per: caller`. `hold_seconds`: how long
+        a concurrency slot stays taken if nobody releases it."""
         rate = obligations.get("rate")
         concurrency = obligations.get("concurrency")
-        budget = obligations.get("budget")
+        budget = obligations.get("budget") if self.budgets is None else None
         if not (rate or concurrency or budget):
             return NO_LIMITS  # the common case touches no shared state
         key = (tenant, tool)
@@ -154,12 +210,17 @@ class Admission:
                 if wait > 1e-9:
                     per = f"{rate['calls']} calls per {_num(rate['per_seconds'])} s"
                     raise self._refused("rate", key, per, wait)
+            spent: _Budget | None = None
             if budget:
-                if now >= state.budget_start + budget["per_seconds"]:
-                    state.budget_start, state.budget_used = now, 0
-                if state.budget_used >= budget["calls"]:
+                caller = budget.get("per", "tenant") == "caller"
+                budget_key = (tenant, tool, principal_id if caller else "")
+                spent = self._budget(budget_key)
+                if now >= spent.start + budget["per_seconds"]:
+                    spent.start, spent.used = now, 0
+                if spent.used >= budget["calls"]:
                     per = f"{budget['calls']} calls per {_num(budget['per_seconds'])} s"
-                    wait = state.budget_start + budget["per_seconds"] - now
+                    per += " per caller" if caller else ""
+                    wait = spent.start + budget["per_seconds"] - now
                     raise self._refused("budget", key, per, wait)
             # Every limit agreed: now spend.
             self._numbers += 1
@@ -167,9 +228,9 @@ class Admission:
             if interval is not None:
                 state.rate_tat = max(state.rate_tat, now) + interval
                 ticket.rate_interval = interval
-            if budget:
-                state.budget_used += 1
-                ticket.budget_start = state.budget_start
+            if spent is not None:
+                spent.used += 1
+                ticket.budget_key, ticket.budget_start = budget_key, spent.start
             if concurrency:
                 ticket.holds_slot = True
                 ticket.expires_at = now + hold_seconds
@@ -215,32 +276,66 @@ class Admission:
             self._keys.move_to_end(key)
         return state
 
+    def _budget(self, key: tuple[str, str, str]) -> _Budget:
+        found = self._budgets.get(key)
+        if found is None:
+            found = self._budgets[key] = _Budget()
+            if len(self._budgets) > self.max_keys:
+                self._budgets.popitem(last=False)
+        else:
+            self._budgets.move_to_end(key)
+        return found
+
     def _release(self, ticket: Ticket, *, refund: bool) -> None:
+        if refund and ticket.budget_claim is not None and self.budgets is not None:
+            self._give_back(ticket.budget_claim)
         with self._lock:
+            if refund and ticket.budget_key is not None:
+                spent = self._budgets.get(ticket.budget_key)
+                if spent is not None and spent.start == ticket.budget_start and spent.used > 0:
+                    spent.used -= 1
             state = self._keys.get(ticket.key)
             if state is None:  # evicted: nothing left to give back
                 return
             state.in_flight.pop(ticket.number, None)
-            if not refund:
-                return
-            if ticket.rate_interval is not None:
+            if refund and ticket.rate_interval is not None:
                 state.rate_tat = max(state.rate_tat - ticket.rate_interval, 0.0)
-            if ticket.budget_start == state.budget_start and state.budget_used > 0:
-                state.budget_used -= 1
+
+    def _give_back(self, claim: Any) -> None:
+        """Return a durable budget unit in the background (refunds come from sync code)."""
+        assert self.budgets is not None
+        try:
+            task = asyncio.get_running_loop().create_task(self.budgets.give_back(claim))
+        except RuntimeError:  # no loop: the unit stays spent, the safe side
+            return
+        self._returns.add(task)
+        task.add_done_callback(self._returns.discard)
 
     @staticmethod
     def _refused(
         limit: str, key: tuple[str, str], detail: str, retry_after: float
     ) -> LimitExceeded:
-        tenant, tool = key
-        # Rounded up to a tenth (retrying at the advertised time must succeed), but not for
-        # float noise: 0.1000000001 is 0.1.
-        retry = max(math.ceil(retry_after * 10 - 1e-6) / 10, 0.1)
-        name = _NAMES.get(limit, limit)
-        message = (
-            f"{name} of {tool} for tenant {tenant} reached ({detail}); retry in {_num(retry)} s"
-        )
-        return LimitExceeded(limit, retry, message)
+        return refusal(limit, key[0], key[1], detail, retry_after)
+
+
+def refusal(
+    limit: str,
+    tenant: str,
+    tool: str,
+    detail: str,
+    retry_after: float,
+    *,
+    reached: bool = True,
+) -> LimitExceeded:
+    """The refusal of a call by `limit`, saying when to retry. `reached=False`: the limit
+    could not be checked (`detail` says why), which refuses too."""
+    # Rounded up to a tenth (retrying at the advertised time must succeed), but not for
+    # float noise: 0.1000000001 is 0.1.
+    retry = max(math.ceil(retry_after * 10 - 1e-6) / 10, 0.1)
+    name = _NAMES.get(limit, limit)
+    what = f"reached ({detail})" if reached else f"{detail}"
+    message = f"{name} of {tool} for tenant {tenant} {what}; retry in {_num(retry)} s"
+    return LimitExceeded(limit, retry, message)
 
 
 def call_hold_seconds(call: Mapping[str, Any]) -> float:

@@ -45,7 +45,7 @@ from gateway.config import (
     suggest,
 )
 from identity.spiffe_id import SpiffeId, SpiffeIdPattern
-from policies.cel import CelCompileError, Condition, compile_condition
+from policies.cel import CelBackend, CelCompileError, Condition, compile_condition, get_backend
 from policies.model import (
     GROUP_PREFIX,
     MEMBERS_GROUP,
@@ -121,6 +121,7 @@ class LoadedPolicy:
     members: Audience
     groups: dict[str, Audience]
     rules: tuple[CompiledRule, ...]
+    cel: CelBackend = field(repr=False)  # the backend its conditions were compiled for
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def rules_for(self, tool: str) -> tuple[CompiledRule, ...]:
@@ -154,12 +155,15 @@ class LoadedPolicy:
 # loading one file
 
 
-def load_policy_file(path: Path) -> LoadedPolicy:
-    """Read, validate and compile one `<tenant>.yaml`; raise ConfigError naming file and line."""
-    return parse_policy(read_text_file(path, "policy"), str(path), path.name)
+def load_policy_file(path: Path, cel: CelBackend | str | None = None) -> LoadedPolicy:
+    """Read, validate and compile one `<tenant>.yaml`; raise ConfigError naming file and line.
+    `cel`: the CEL backend (None: `policies.cel.default_backend()`)."""
+    return parse_policy(read_text_file(path, "policy"), str(path), path.name, cel)
 
 
-def parse_policy(text: str, source: str, name: str | None = None) -> LoadedPolicy:
+def parse_policy(
+    text: str, source: str, name: str | None = None, cel: CelBackend | str | None = None
+) -> LoadedPolicy:
     """Validate policy text. `source` names it in errors; `name` is the file name, whose stem
     must be the tenant (None: not checked)."""
     root, data = compose_yaml(text, source)
@@ -169,14 +173,17 @@ def parse_policy(text: str, source: str, name: str | None = None) -> LoadedPolic
         raise ConfigError(
             explain_validation(exc, root, source, TenantPolicy, key_path=rule_path)
         ) from None
-    return _Compiler(model, root, source, name).run()
+    return _Compiler(model, root, source, name, get_backend(cel)).run()
 
 
 class _Compiler:
     """What the model alone cannot check: tenant vs file name, group references, CEL."""
 
-    def __init__(self, model: TenantPolicy, root: yaml.Node, source: str, name: str | None):
+    def __init__(
+        self, model: TenantPolicy, root: yaml.Node, source: str, name: str | None, cel: CelBackend
+    ):
         self.model = model
+        self.cel = cel
         self.root = root
         self.source = source
         self.name = name or Path(source).name
@@ -209,6 +216,7 @@ class _Compiler:
             members=self.members,
             groups=self.groups,
             rules=rules,
+            cel=self.cel,
         )
 
     def rule(self, key: str, rule: ToolRule) -> CompiledRule:
@@ -270,7 +278,7 @@ class _Compiler:
         if text is None:
             return None
         try:
-            return compile_condition(text)
+            return compile_condition(text, self.cel)
         except CelCompileError as exc:
             self.problem(loc, f"{exc} (in `{_shorten(text)}`)")
             return None
@@ -299,7 +307,7 @@ def _shorten(text: str, limit: int = 60) -> str:
 # `policy check`
 
 
-def check_paths(paths: Iterable[str | Path]) -> list[str]:
+def check_paths(paths: Iterable[str | Path], cel: CelBackend | str | None = None) -> list[str]:
     """Validate policy files and directories of them; one line per problem (none: all good)."""
     lines: list[str] = []
     for given in paths:
@@ -315,7 +323,7 @@ def check_paths(paths: Iterable[str | Path]) -> list[str]:
             continue
         for file in files:
             try:
-                load_policy_file(file)
+                load_policy_file(file, cel)
             except ConfigError as exc:
                 lines.extend(str(p) for p in exc.problems)
     return lines
@@ -350,8 +358,9 @@ class PolicyStore:
 
     Readers (`get`) never block: `refresh` builds a new table and swaps it in whole."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, cel: CelBackend | str | None = None) -> None:
         self.directory = directory
+        self.cel = get_backend(cel)  # resolved once: every file of the store uses one backend
         self._policies: dict[str, LoadedPolicy] = {}
         self._digests: dict[str, str] = {}  # file name -> digest of the text last read
         self._errors: dict[str, ConfigError] = {}  # file name -> why its last change failed
@@ -360,9 +369,11 @@ class PolicyStore:
         self.reload_failures = 0  # for a metric: how many changed files were refused
 
     @classmethod
-    def open(cls, directory: Path, *, strict: bool = True) -> PolicyStore:
+    def open(
+        cls, directory: Path, *, strict: bool = True, cel: CelBackend | str | None = None
+    ) -> PolicyStore:
         """Load every file; with `strict`, any broken file is an error (for start-up)."""
-        store = cls(directory)
+        store = cls(directory, cel)
         store.refresh()
         if strict and store._errors:
             raise ConfigError([p for e in store._errors.values() for p in e.problems])
@@ -412,7 +423,7 @@ class PolicyStore:
                 continue  # unchanged (if it was broken, its error stands)
             self._digests[name] = digest
             try:
-                policy = parse_policy(_decode(text, str(path)), str(path), name)
+                policy = parse_policy(_decode(text, str(path)), str(path), name, self.cel)
             except ConfigError as exc:
                 self._fail(name, exc)
                 report.failed[name] = str(exc)

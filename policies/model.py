@@ -126,8 +126,12 @@ class ConcurrencyObligation(_Strict):
 
 
 class BudgetObligation(_Strict):
+    """`calls` per `per_seconds`, kept across restarts (policies.budgets); counted for the
+    whole tenant, or for each calling principal (`per: caller`)."""
+
     calls: int = Field(ge=1)
     per_seconds: float = Field(gt=0)
+    per: Literal["tenant", "caller"] = "tenant"
 
 
 # minimal: refusals and approvals only; standard: every decision; full: every decision with the

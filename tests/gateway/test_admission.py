@@ -100,7 +100,9 @@ async def test_rate_limit_under_concurrent_calls(dispatcher: Dispatcher) -> None
     assert isinstance(audit, Recorder)
     limited = [e for e in audit.events if e[0] == "limited"]
     assert len(limited) == 7
-    assert limited[0][2] == {"limit": "rate", "retry_after_seconds": 1200.0}
+    details = limited[0][2]
+    assert (details["limit"], details["retry_after_seconds"]) == ("rate", 1200.0)
+    assert details["reason"] == errors[0].message
 
 
 async def test_concurrency_limit_with_slow_calls(dispatcher: Dispatcher) -> None:

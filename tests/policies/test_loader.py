@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError
+from policies.cel import CEL_EXPR_PYTHON, CelBackend
 from policies.loader import PolicyStore, check_paths, load_policy_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,10 +32,12 @@ def write(directory: Path, text: str, name: str = "acme.yaml") -> Path:
     return path
 
 
-def errors(tmp_path: Path, text: str, name: str = "acme.yaml") -> list[str]:
+def errors(
+    tmp_path: Path, text: str, name: str = "acme.yaml", cel: CelBackend | None = None
+) -> list[str]:
     path = write(tmp_path, text, name)
     with pytest.raises(ConfigError) as info:
-        load_policy_file(path)
+        load_policy_file(path, cel)
     return [line.replace(f"{tmp_path}/", "") for line in str(info.value).splitlines()]
 
 
@@ -171,14 +174,22 @@ def test_a_good_file(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_errors_name_file_line_and_key(tmp_path: Path, text: str, expected: list[str]) -> None:
-    assert errors(tmp_path, text) == expected
+def test_errors_name_file_line_and_key(
+    tmp_path: Path, cel: CelBackend, text: str, expected: list[str]
+) -> None:
+    if cel.name == CEL_EXPR_PYTHON:
+        # An unexpected end: cel-python places it on the last character, the C++ parser just
+        # after it.
+        expected = [
+            e.replace("column 8:", "column 9:").replace("column 3:", "column 4:") for e in expected
+        ]
+    assert errors(tmp_path, text, cel=cel) == expected
 
 
-def test_several_errors_in_file_order(tmp_path: Path) -> None:
+def test_several_errors_in_file_order(tmp_path: Path, cel: CelBackend) -> None:
     text = GOOD + "    when: 'nope.x'\n    deny:\n      - when: 'true'\n        reason: r\n"
     text = text.replace("call: [group:ops]", "call: [group:nobody]")
-    assert errors(tmp_path, text) == [
+    assert errors(tmp_path, text, cel=cel) == [
         "acme.yaml:8: tools[add].call[0]: no group 'nobody' in this file",
         "acme.yaml:9: tools[add].when: unknown variable 'nope'; a condition sees args, caller, "
         "now, tool (in `nope.x`)",
