@@ -88,6 +88,8 @@ class CallView:
     waiting_for: str | None = None
     input_request: Any = None
     input_round: int | None = None
+    # What the tool reported it used (e.g. token counts), once completed.
+    usage: dict[str, float] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -389,6 +391,7 @@ class Dispatcher:
             output = json.loads(state.serialized_output or "null") or {}
             if output.get("ok"):
                 view.state, view.result = CallState.COMPLETED, output.get("result")
+                view.usage = output.get("usage")
             else:
                 view.state = CallState.FAILED
                 view.error = output.get("error") or failure("error", "failed")["error"]
