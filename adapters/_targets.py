@@ -61,9 +61,7 @@ def object_or_factory(
     def factory() -> Any:
         made = obj()
         if not isinstance(made, wanted):
-            raise ToolLoadError(
-                f"target {target!r} returned a {type(made).__name__}, not a {what}"
-            )
+            raise ToolLoadError(f"target {target!r} returned a {type(made).__name__}, not a {what}")
         return made
 
     try:
@@ -89,12 +87,18 @@ def check_options(
                 f"tool {tool!r}: unknown option {name!r} (this kind takes: {allowed})"
             )
         kinds = known[name]
-        if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        if isinstance(value, bool) and bool not in (
+            kinds if isinstance(kinds, tuple) else (kinds,)
+        ):
             ok = False
         else:
             ok = isinstance(value, kinds)
         if not ok:
-            names = kinds.__name__ if isinstance(kinds, type) else " or ".join(k.__name__ for k in kinds)
+            names = (
+                kinds.__name__
+                if isinstance(kinds, type)
+                else " or ".join(k.__name__ for k in kinds)
+            )
             raise ToolLoadError(
                 f"tool {tool!r}: option {name!r} must be a {names}, not {type(value).__name__}"
             )

@@ -63,13 +63,13 @@ class CheckpointStore:
 
                 # The client's constructor probes the sidecar's HTTP health endpoint, taken
                 # from the SDK's global settings: point them at this sidecar for that probe.
-                previous = settings.DAPR_HTTP_ENDPOINT
+                previous = getattr(settings, "DAPR_HTTP_ENDPOINT", None)
                 if self.http_endpoint:
-                    settings.DAPR_HTTP_ENDPOINT = self.http_endpoint
+                    settings.DAPR_HTTP_ENDPOINT = self.http_endpoint  # type: ignore[attr-defined]
                 try:
                     self._client = DaprClient(address=self.grpc_address)
                 finally:
-                    settings.DAPR_HTTP_ENDPOINT = previous
+                    settings.DAPR_HTTP_ENDPOINT = previous  # type: ignore[attr-defined]
             return self._client
 
     def close(self) -> None:

@@ -168,9 +168,7 @@ class CrewTool:
         output = await asyncio.to_thread(self._run, arguments, context, key, saved)
         usage = getattr(output, "token_usage", None)
         if usage is not None:
-            context.report_usage(
-                **{f: float(getattr(usage, f, 0) or 0) for f in USAGE_FIELDS}
-            )
+            context.report_usage(**{f: float(getattr(usage, f, 0) or 0) for f in USAGE_FIELDS})
         return self._result(output)
 
     def _run(self, arguments: dict[str, Any], context: ToolContext, key: str, saved: Any) -> Any:

@@ -166,7 +166,9 @@ class LangGraphTool:
         return self._output(output if seen_values else state.values)
 
     def _input_required(self, interrupts: Any) -> InputRequired:
-        pending = [{"id": i.id, "value": to_jsonable_python(i.value, fallback=str)} for i in interrupts]
+        pending = [
+            {"id": i.id, "value": to_jsonable_python(i.value, fallback=str)} for i in interrupts
+        ]
         if len(pending) == 1:
             return InputRequired(_text(pending[0]["value"]), pending[0]["value"])
         message = f"{self._spec.name} is waiting for {len(pending)} inputs: " + _text(pending)
@@ -178,4 +180,6 @@ class LangGraphTool:
         try:
             return to_jsonable_python(values)
         except Exception as exc:
-            raise ToolError(f"{self._spec.target} returned a value that is not JSON data: {exc}") from None
+            raise ToolError(
+                f"{self._spec.target} returned a value that is not JSON data: {exc}"
+            ) from None

@@ -96,7 +96,13 @@ class StateApiSaver(BaseCheckpointSaver[int]):
             metadata=_load(self.serde, saved["metadata"]),
             pending_writes=[(w[0], w[2], _load(self.serde, [w[3], w[4]])) for w in ordered],
             parent_config=(
-                {"configurable": {"thread_id": thread, "checkpoint_ns": ns, "checkpoint_id": parent}}
+                {
+                    "configurable": {
+                        "thread_id": thread,
+                        "checkpoint_ns": ns,
+                        "checkpoint_id": parent,
+                    }
+                }
                 if parent
                 else None
             ),
@@ -127,7 +133,9 @@ class StateApiSaver(BaseCheckpointSaver[int]):
         limit: int | None = None,
     ) -> Iterator[CheckpointTuple]:
         if config is None:
-            raise ValueError("listing checkpoints needs a thread_id: the state API cannot list keys")
+            raise ValueError(
+                "listing checkpoints needs a thread_id: the state API cannot list keys"
+            )
         thread = str(config["configurable"]["thread_id"])
         wanted_ns = config["configurable"].get("checkpoint_ns")
         wanted_id = get_checkpoint_id(config)
@@ -151,10 +159,10 @@ class StateApiSaver(BaseCheckpointSaver[int]):
                 found = self.store.get_many([cp_key, w_key])
                 if cp_key not in found:
                     continue
-                found_tuple = self._tuple(thread, ns, checkpoint_id, found[cp_key], found.get(w_key))
-                if filter and not all(
-                    found_tuple.metadata.get(k) == v for k, v in filter.items()
-                ):
+                found_tuple = self._tuple(
+                    thread, ns, checkpoint_id, found[cp_key], found.get(w_key)
+                )
+                if filter and not all(found_tuple.metadata.get(k) == v for k, v in filter.items()):
                     continue
                 if remaining is not None:
                     remaining -= 1
@@ -190,7 +198,11 @@ class StateApiSaver(BaseCheckpointSaver[int]):
                 upserts[ns_key] = [*namespaces, ns]
             self.store.write(upserts)
         return {
-            "configurable": {"thread_id": thread, "checkpoint_ns": ns, "checkpoint_id": checkpoint_id}
+            "configurable": {
+                "thread_id": thread,
+                "checkpoint_ns": ns,
+                "checkpoint_id": checkpoint_id,
+            }
         }
 
     def put_writes(

@@ -101,7 +101,9 @@ class ScriptedLLM(BaseLLM):
     ) -> str:
         return self._answer(messages, from_task)
 
-    def get_input_tokens_count(self, messages: Any, tools: Any = None, response_model: Any = None) -> int:
+    def get_input_tokens_count(
+        self, messages: Any, tools: Any = None, response_model: Any = None
+    ) -> int:
         return len(_text(messages).split())
 
     def get_context_window_size(self) -> int:

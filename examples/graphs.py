@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, NotRequired
 
 from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
-from typing_extensions import NotRequired, TypedDict
+from typing_extensions import TypedDict
 
 TRACE_ENV = "DURAGATE_EXAMPLE_TRACE"
 HOLD_ENV = "DURAGATE_EXAMPLE_HOLD"

@@ -385,7 +385,8 @@ class Dispatcher:
             view.state, view.waiting_for = CallState.INPUT_REQUIRED, "approval"
         elif custom.get("state") == "input_required":
             view.state, view.waiting_for = CallState.INPUT_REQUIRED, "input"
-            asked = custom.get("input") if isinstance(custom.get("input"), dict) else {}
+            asked = custom.get("input")
+            asked = asked if isinstance(asked, dict) else {}
             view.input_request, view.input_round = asked.get("request"), asked.get("round")
         if status == "COMPLETED":
             output = json.loads(state.serialized_output or "null") or {}

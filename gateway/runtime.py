@@ -42,7 +42,9 @@ SDK_LOGS = LoggerOptions(log_level="WARNING")
 
 
 def _http_endpoint(address: str) -> str:
-    return address.rstrip("/") if address.startswith(("http://", "https://")) else f"http://{address}"
+    return (
+        address.rstrip("/") if address.startswith(("http://", "https://")) else f"http://{address}"
+    )
 
 
 class EngineStartError(RuntimeError):

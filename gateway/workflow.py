@@ -91,9 +91,7 @@ def call_workflow(ctx: wf.DaprWorkflowContext, call: dict[str, Any]) -> Generato
         }
         if supplied is not None:
             activity_input["input"] = supplied
-        activity: Any = ctx.call_activity(
-            ACTIVITY_NAME, input=activity_input, retry_policy=policy
-        )
+        activity: Any = ctx.call_activity(ACTIVITY_NAME, input=activity_input, retry_policy=policy)
         timeout = float(call["timeout_seconds"])
         timer = ctx.create_timer(timedelta(seconds=timeout))
         winner = yield wf.when_any([activity, timer])
@@ -118,7 +116,9 @@ def call_workflow(ctx: wf.DaprWorkflowContext, call: dict[str, Any]) -> Generato
         rounds += 1
         if rounds > MAX_INPUT_ROUNDS:
             ctx.set_custom_status(_status("failed", f"{tool} asked for input too often"))
-            return failure("too_many_inputs", f"{tool} asked for input more than {MAX_INPUT_ROUNDS} times")
+            return failure(
+                "too_many_inputs", f"{tool} asked for input more than {MAX_INPUT_ROUNDS} times"
+            )
         supplied = yield from _await_input(ctx, call, request, rounds)
         if supplied is None:
             ctx.set_custom_status(_status("failed", f"input for {tool} expired"))
@@ -248,6 +248,4 @@ def register(
         return (yield from call_workflow(ctx, call))
 
     runtime.register_workflow(duragate_call, name=WORKFLOW_NAME)
-    runtime.register_activity(
-        make_tool_activity(lookup, hub, checkpoints), name=ACTIVITY_NAME
-    )
+    runtime.register_activity(make_tool_activity(lookup, hub, checkpoints), name=ACTIVITY_NAME)

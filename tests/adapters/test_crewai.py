@@ -27,7 +27,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The experimental tasks API:DeprecationWarning"),
 ]
 
-TOOLS = [
+TOOLS: list[dict[str, Any]] = [
     {
         "name": "research",
         "kind": "crewai",
@@ -49,7 +49,7 @@ TOOLS = [
         },
     },
 ]
-ARGS = {"topic": "durable workflows", "audience": "engineers"}
+ARGS: dict[str, Any] = {"topic": "durable workflows", "audience": "engineers"}
 BRIEF = "[write] Write a brief about durable workflows for engineers, from the research."
 
 
@@ -82,12 +82,13 @@ async def test_schema_result_usage_progress_and_bad_arguments(
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
         assert (1.0, 2.0, "research done") in seen and (2.0, 2.0, "write done") in seen, seen
 
-        for name, bad in [
+        bad_calls: list[tuple[str, dict[str, Any]]] = [
             ("research", {"topic": "x"}),
             ("research", {"topic": "x", "audience": 3}),
             ("research", {**ARGS, "other": "y"}),
             ("research_overridden", {"topic": "x", "audience": "children"}),
-        ]:
+        ]
+        for name, bad in bad_calls:
             refused = await session.call_tool(name, bad)
             assert refused.isError
             assert (refused.meta or {})[ERROR_META]["type"] == "invalid_arguments", refused
