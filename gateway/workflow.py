@@ -82,7 +82,9 @@ def call_workflow(ctx: wf.DaprWorkflowContext, call: dict[str, Any]) -> Generato
     supplied: dict[str, Any] | None = None
     rounds = 0
     while True:
-        # `envelope`: the activity answers {"result", "usage"} or {"input_required"}.
+        # `envelope`: the activity answers {"envelope": 1, "result", "usage"} or
+        # {"envelope": 1, "input_required"}; histories recorded before envelopes existed hold
+        # the bare result, which is still understood on replay.
         activity_input = {
             "tool": tool,
             "arguments": call["arguments"],
@@ -99,13 +101,15 @@ def call_workflow(ctx: wf.DaprWorkflowContext, call: dict[str, Any]) -> Generato
             ctx.set_custom_status(_status("failed", f"{tool} timed out"))
             return failure("timeout", f"{tool} did not finish within {timeout:g} s")
         try:
-            answer = activity.get_result() or {}
+            answer = activity.get_result()
         except Exception as exc:  # TaskFailedError: the tool failed, after its retries
             details = getattr(exc, "details", None)
             ctx.set_custom_status(_status("failed", f"{tool} failed"))
             if details is None:
                 return failure("error", str(exc))
             return _decode_failure(details)
+        if not isinstance(answer, dict) or answer.get("envelope") != 1:
+            answer = {"result": answer}
         request = answer.get("input_required")
         if request is None:
             ctx.set_custom_status(_status("completed", f"{tool} completed"))
@@ -226,10 +230,16 @@ def make_tool_activity(
                 message = f"{name} asked for input, which this call cannot wait for"
                 payload = {"type": "tool_error", "message": message, "data": exc.payload}
                 raise NonRetryableError(json.dumps(payload, default=str)) from exc
-            return {"input_required": {"message": exc.message, "payload": exc.payload}}
+            return {
+                "envelope": 1,
+                "input_required": {"message": exc.message, "payload": exc.payload},
+            }
         if not inp.get("envelope"):
             return result
-        return {"result": result, "usage": context.usage} if context.usage else {"result": result}
+        answer = {"envelope": 1, "result": result}
+        if context.usage:
+            answer["usage"] = context.usage
+        return answer
 
     return duragate_tool
 

@@ -17,7 +17,7 @@ def needs_arguments(x: int) -> None:
 
 def ask(question: str, context: ToolContext) -> dict[str, Any]:
     """Asks for input until it is given "done"; returns every answer it got."""
-    answers = []
+    answers: list[Any] = []
     if context.checkpoints is not None:
         answers = context.checkpoints.get(context.call_key("answers")) or []
     if context.supplied_input is not None:
