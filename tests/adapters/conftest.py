@@ -13,6 +13,7 @@ import httpx
 import pytest
 import yaml
 
+import adapters
 from tests.gateway.conftest import GatewayFactory, GatewayProcess, spawn_gateway  # noqa: F401
 
 BASE: dict[str, Any] = {
@@ -26,6 +27,20 @@ def write_config(tmp_path: Path, tools: list[dict[str, Any]]) -> Path:
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump({**BASE, "tools": tools}))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_adapter_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a crewai tool in the test process sets CrewAI's environment variables and
+    storage dir (under the adapters' data dir): keep both to this test."""
+    monkeypatch.setattr(adapters, "_data_dir", tmp_path / "adapter-data")
+    for name in (
+        "CREWAI_DISABLE_TELEMETRY",
+        "CREWAI_TRACING_ENABLED",
+        "CREWAI_DISABLE_VERSION_CHECK",
+        "CREWAI_STORAGE_DIR",
+    ):
+        monkeypatch.setenv(name, "")  # restored after the test; empty counts as unset
 
 
 class Trace:
