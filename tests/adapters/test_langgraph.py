@@ -24,7 +24,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The experimental tasks API:DeprecationWarning"),
 ]
 
-TOOLS = [
+TOOLS: list[dict[str, Any]] = [
     {
         "name": "pipeline",
         "kind": "langgraph",
