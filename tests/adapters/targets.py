@@ -26,3 +26,40 @@ def ask(question: str, context: ToolContext) -> dict[str, Any]:
     if not answers or answers[-1] != "done":
         raise InputRequired(f"{question} (answer {len(answers) + 1})", {"asked": len(answers) + 1})
     return {"answers": answers}
+
+
+def flaky_graph() -> Any:
+    """prepare -> unstable: `unstable` raises on its first run (counted in the trace file), so
+    the retried activity must resume at it without running `prepare` again."""
+    import os
+
+    from langgraph.graph import END, START, StateGraph
+    from typing_extensions import TypedDict
+
+    class State(TypedDict, total=False):
+        n: int
+        doubled: int
+
+    def counted(name: str) -> int:
+        path = os.environ["DURAGATE_EXAMPLE_TRACE"]
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(name + "\n")
+        with open(path, encoding="utf-8") as f:
+            return sum(1 for line in f if line.strip() == name)
+
+    def prepare(state: State) -> State:
+        counted("prepare")
+        return {"n": state["n"] + 1}
+
+    def unstable(state: State) -> State:
+        if counted("unstable") == 1:
+            raise RuntimeError("first run fails")
+        return {"doubled": state["n"] * 2}
+
+    graph = StateGraph(State)
+    graph.add_node("prepare", prepare)
+    graph.add_node("unstable", unstable)
+    graph.add_edge(START, "prepare")
+    graph.add_edge("prepare", "unstable")
+    graph.add_edge("unstable", END)
+    return graph.compile()

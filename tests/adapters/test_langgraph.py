@@ -160,6 +160,23 @@ async def test_interrupt_waits_for_input_across_a_restart(
     assert trace.counts() == {"summarise": 1, "approve": 2, "publish": 1}
 
 
+async def test_a_failed_node_is_retried_from_the_saved_state(
+    spawn_gateway: GatewayFactory, tmp_path: Path, trace: Trace
+) -> None:
+    flaky = {
+        "name": "flaky_graph",
+        "kind": "langgraph",
+        "target": "tests.adapters.targets:flaky_graph",
+        "retry": {"max_attempts": 2, "first_interval_seconds": 0.1},
+    }
+    gateway = spawn_gateway(config=write_config(tmp_path, [flaky]))
+    async with mcp_session(gateway.url) as session:
+        result = await session.call_tool("flaky_graph", {"n": 4})
+    assert not result.isError, (result, gateway.log())
+    assert result.structuredContent == {"n": 5, "doubled": 10}
+    assert trace.counts() == {"prepare": 1, "unstable": 2}
+
+
 async def test_every_node_and_custom_write_is_reported(tmp_path: Path, trace: Trace) -> None:
     runtime = DurableRuntime(
         EmbeddedEngineConfig(sidecar="thread"), tmp_path / "engine.db", lambda name: None
