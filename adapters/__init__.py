@@ -8,11 +8,28 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 
 from adapters.base import Adapter, ToolLoadError
 
 # Modules of this package that are not tool kinds.
-_NOT_KINDS = frozenset({"base"})
+_NOT_KINDS = frozenset({"base", "checkpoints", "langgraph_saver"})
+
+_data_dir: Path | None = None
+
+
+def set_data_dir(path: Path) -> None:
+    """Tell adapters the gateway's data directory (before tools are loaded): a kind that needs
+    files of its own keeps them under it (crewai: `<data dir>/crewai`)."""
+    global _data_dir
+    _data_dir = path
+
+
+def data_dir() -> Path:
+    """The gateway's data directory, or the default one when none was set."""
+    from gateway.paths import resolve_data_dir
+
+    return _data_dir if _data_dir is not None else resolve_data_dir()
 
 
 def known_kinds() -> list[str]:

@@ -9,6 +9,9 @@ Failures, and what the dispatch path is expected to do with them:
 - `ToolLoadError` at start-up (target missing, bad signature): the gateway refuses to start.
 - `ToolError` from `invoke`: the tool decided the call failed (bad input it only detects
   itself, a refused operation). Reported to the caller as a tool error with its message.
+- `InputRequired` from `invoke`: the tool needs a person's input to go on. The call waits,
+  durably, showing `input_required` with the request; the value supplied later is handed to a
+  new run of the tool as `ToolContext.supplied_input` (the tool resumes from its checkpoints).
 - any other exception from `invoke`: unexpected, so it is retried per the tool's retry policy.
 """
 
@@ -18,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from adapters.checkpoints import CheckpointStore, key
 from gateway.config import RetryConfig, TaskSupport, ToolConfig
 
 # (progress, total or None, message or None), as in MCP's notifications/progress.
@@ -38,6 +42,30 @@ class ToolError(Exception):
         super().__init__(message)
         self.message = message
         self.data = data
+
+
+class InputRequired(Exception):  # noqa: N818 - a request, not an error
+    """Raised by a tool that cannot go on without a person's input.
+
+    `message` says what is asked (shown as the task's status message); `payload`
+    (JSON-serialisable) is the structured request. The call waits for the input; a later run
+    of the tool gets it as `ToolContext.supplied_input`.
+    """
+
+    def __init__(self, message: str, payload: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.payload = payload
+
+
+@dataclass(frozen=True)
+class SuppliedInput:
+    """The input a person supplied after the tool raised `InputRequired`. `round` counts the
+    inputs of this call from 1."""
+
+    value: Any
+    by: str
+    round: int
 
 
 @dataclass(frozen=True)
@@ -92,12 +120,39 @@ class ToolContext:
 
     `report_progress` may be called from a worker thread (sync tools run in one), so the
     activity must provide a thread-safe callable.
+
+    `checkpoints` is the sidecar's state store (None when the runtime has none, e.g. in unit
+    tests): key values with `execution_key` (this activity, across its retries) or `call_key`
+    (the whole call, across the tool's runs before and after an input). `supplied_input` is
+    set when this run follows an `InputRequired`. What the tool reports with `report_usage`
+    (token counts, ...) is returned with its result, for budgets.
     """
 
     instance_id: str
     task_execution_id: str
     attempt: int = 1
     report_progress: ProgressReporter | None = field(default=_ignore_progress)
+    checkpoints: CheckpointStore | None = None
+    supplied_input: SuppliedInput | None = None
+    usage: dict[str, float] = field(default_factory=dict)
+
+    def execution_key(self, *parts: str) -> str:
+        """A checkpoint key private to this activity (stable across its retries)."""
+        return key("exec", self.instance_id, self.task_execution_id, *parts)
+
+    def call_key(self, *parts: str) -> str:
+        """A checkpoint key private to this call (shared by all the tool's runs in it)."""
+        return key("call", self.instance_id, *parts)
+
+    def require_checkpoints(self) -> CheckpointStore:
+        if self.checkpoints is None:
+            raise RuntimeError("this call has no checkpoint store (no sidecar state API)")
+        return self.checkpoints
+
+    def report_usage(self, **counts: float) -> None:
+        """Add to the call's usage counters (e.g. `total_tokens=123`)."""
+        for name, value in counts.items():
+            self.usage[name] = self.usage.get(name, 0) + value
 
     def progress(
         self, progress: float, total: float | None = None, message: str | None = None

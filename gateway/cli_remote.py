@@ -138,6 +138,22 @@ def tasks_cancel(
     print(f"{task.taskId}: {task.status}")
 
 
+@tasks_app.command("input")
+def tasks_input(
+    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    value: Annotated[str, typer.Option("--value", help="The input, as a JSON value.")],
+    url: Annotated[str, URL_OPTION] = remote.DEFAULT_URL,
+    token: Annotated[str | None, typer.Option("--token", envvar="DURAGATE_TOKEN")] = None,
+) -> None:
+    """Supply the input a task waits for (its status is input_required): it goes on."""
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"not JSON: {exc}", param_hint="'--value'") from None
+    _approvals_request(url, token, "POST", f"/tasks/{task_id}/input", json={"value": parsed})
+    print(f"{task_id}: input supplied")
+
+
 approvals_app = typer.Typer(
     help="Calls waiting for a person's approval, on a running gateway.", no_args_is_help=True
 )

@@ -642,6 +642,8 @@ class ToolConfig(_Strict):
     timeout_seconds: float = Field(default=60.0, gt=0)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     task_support: TaskSupport = "optional"
+    # Kind-specific settings, checked by the tool's adapter when it loads the tool.
+    options: dict[str, Any] = {}
 
     @field_validator("name")
     @classmethod

@@ -29,7 +29,7 @@ from google.protobuf import wrappers_pb2
 from gateway.audit import audit_obligations
 from gateway.runtime import DurableRuntime
 from gateway.sidecar.protos import pb
-from gateway.workflow import APPROVAL_EVENT, WORKFLOW_NAME, failure
+from gateway.workflow import APPROVAL_EVENT, INPUT_EVENT, WORKFLOW_NAME, failure
 from identity.principal import Principal
 from policies.limits import Admission, LimitExceeded, call_hold_seconds
 
@@ -42,7 +42,7 @@ TERMINAL_STATUSES = {"COMPLETED", "FAILED", "TERMINATED", "CANCELED"}
 class DispatchError(Exception):
     """A call refused before it ran, or a task that cannot be shown. `code` is one of:
     unknown_tool, invalid_arguments, idempotency_conflict, denied, limited, not_found,
-    not_waiting, unavailable."""
+    not_waiting (neither an approval nor an input is awaited), unavailable."""
 
     def __init__(self, code: str, message: str, data: Any = None) -> None:
         super().__init__(message)
@@ -91,8 +91,13 @@ class CallView:
     replayed: bool = False
     context_id: str | None = None
     arguments: dict[str, Any] | None = None
-    # What an INPUT_REQUIRED call waits for: "approval" (a person the policy names).
+    # While INPUT_REQUIRED: "approval" (a person's decision) or "input" (the tool asked for a
+    # value: `input_request` is what it asked, `input_round` numbers the requests of the call).
     waiting_for: str | None = None
+    input_request: Any = None
+    input_round: int | None = None
+    # What the tool reported it used (e.g. token counts), once completed.
+    usage: dict[str, float] | None = None
     audit: dict[str, Any] | None = field(default=None, repr=False)  # the call's audit level
 
     @property
@@ -464,12 +469,17 @@ class Dispatcher:
             audit=call.get("audit"),
         )
         if custom.get("state") == "waiting_approval":
-            view.state = CallState.INPUT_REQUIRED
-            view.waiting_for = "approval"
+            view.state, view.waiting_for = CallState.INPUT_REQUIRED, "approval"
+        elif custom.get("state") == "input_required":
+            view.state, view.waiting_for = CallState.INPUT_REQUIRED, "input"
+            asked = custom.get("input")
+            asked = asked if isinstance(asked, dict) else {}
+            view.input_request, view.input_round = asked.get("request"), asked.get("round")
         if status == "COMPLETED":
             output = json.loads(state.serialized_output or "null") or {}
             if output.get("ok"):
                 view.state, view.result = CallState.COMPLETED, output.get("result")
+                view.usage = output.get("usage")
             else:
                 view.state = CallState.FAILED
                 view.error = output.get("error") or failure("error", "failed")["error"]
@@ -570,7 +580,7 @@ class Dispatcher:
         if not self.policy.may_approve(approver, call.get("tool", ""), call.get("principal", {})):
             raise DispatchError("not_found", f"no task {task_id!r}")
         view = self._view(task_id, state, call)
-        if view.state != CallState.INPUT_REQUIRED:
+        if view.waiting_for != "approval":
             raise DispatchError(
                 "not_waiting", f"task {task_id!r} is not waiting for approval ({view.state})"
             )
@@ -593,6 +603,21 @@ class Dispatcher:
             arguments=call.get("arguments"),
             audit=view.audit,
         )
+        return view
+
+    async def supply_input(self, task_id: str, principal: Principal, value: Any) -> CallView:
+        """Give a call that waits for input (its tool asked) the value it asked for. Only the
+        call's owner may; to anyone else the task does not exist. The value answers the
+        request shown now: the workflow ignores it if a later request has replaced that one."""
+        state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
+        view = self._owned_view(task_id, state, principal)
+        if view.waiting_for != "input":
+            raise DispatchError(
+                "not_waiting", f"task {task_id!r} is not waiting for input ({view.state})"
+            )
+        supplied = {"value": value, "by": principal.id, "round": view.input_round}
+        await self.runtime.client.raise_workflow_event(task_id, INPUT_EVENT, data=supplied)
+        self.audit.record("input_supplied", principal, view.tool, task=task_id)
         return view
 
     async def cancel(self, task_id: str, principal: Principal) -> CallView:
@@ -652,7 +677,7 @@ class Dispatcher:
                     continue
                 call = json.loads(state.serialized_input or "{}")
                 view = self._view(task_id, state, call)
-                if view.state != CallState.INPUT_REQUIRED:
+                if view.waiting_for != "approval":
                     continue
                 if not self.policy.may_approve(approver, view.tool, call.get("principal", {})):
                     continue

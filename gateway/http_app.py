@@ -1,6 +1,8 @@
 """The gateway's HTTP application (Starlette): the MCP endpoint and the health probes.
 
     /mcp       MCP Streamable HTTP (stateful sessions, SSE responses so progress flows)
+    /approvals, /approvals/{task_id}   calls waiting for approval; approve or deny
+    /tasks/{task_id}/input             the input a waiting call asked for (its owner only)
     /healthz   200 while the process is up
     /readyz    200 when the workflow engine answers, 503 otherwise
 
@@ -381,6 +383,46 @@ class A2AGuard:
         return found if isinstance(found, Principal) else None
 
 
+class TaskInputEndpoint:
+    """`/tasks/{task_id}/input` (POST `{"value": <any JSON>}`): the input a waiting call asked
+    for (its task shows `input_required`). Callers are authenticated exactly as on `/mcp`; only
+    the task's owner may answer, anyone else is told there is no such task."""
+
+    def __init__(self, host: HttpHost, mcp: McpEndpoint, listen_host: str) -> None:
+        self.host = host
+        self.mcp = mcp
+        self.security = TransportSecurityMiddleware(transport_security(listen_host))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        refused = await self.security.validate_request(request, is_post=True)
+        if refused is not None:
+            await refused(scope, receive, send)
+            return
+        try:
+            caller = await self.mcp.authenticator.authenticate(Headers(scope=scope), peer_of(scope))
+        except AuthenticationError as exc:
+            await refusal(exc, _metadata_url(self.host, scope))(scope, receive, send)
+            return
+        task_id = scope["path_params"]["task_id"]
+        try:
+            body = await request.json()
+            if not isinstance(body, dict) or "value" not in body:
+                raise KeyError("value")
+        except (ValueError, KeyError) as exc:
+            message = f'send {{"value": <the input, any JSON value>}} ({exc})'
+            await _json_error(400, "bad_request", message)(scope, receive, send)
+            return
+        try:
+            view = await self.host.dispatcher.supply_input(task_id, caller, body["value"])
+        except DispatchError as exc:
+            status = 404 if exc.code == "not_found" else 409
+            await _json_error(status, exc.code, exc.message)(scope, receive, send)
+            return
+        answer = {"task_id": view.task_id, "tool": view.tool, "supplied": True}
+        await JSONResponse(answer)(scope, receive, send)
+
+
 def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
     """The ASGI app of one gateway. `front` is the MCP server for this transport."""
     manager = StreamableHTTPSessionManager(
@@ -395,6 +437,8 @@ def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
     mcp = McpEndpoint(host, manager)
     approvals = ApprovalsEndpoint(host, mcp, listen_host)
     guard = A2AGuard(mcp, listen_host)
+
+    task_input = TaskInputEndpoint(host, mcp, listen_host)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -430,6 +474,7 @@ def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
             Route("/mcp", mcp),
             Route("/approvals", approvals, methods=["GET"]),
             Route("/approvals/{task_id}", approvals, methods=["POST"]),
+            Route("/tasks/{task_id}/input", task_input, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/.well-known/oauth-protected-resource/mcp", resource_metadata, methods=["GET"]),
             Route("/.well-known/oauth-protected-resource", resource_metadata, methods=["GET"]),

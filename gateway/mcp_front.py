@@ -49,6 +49,7 @@ IDEMPOTENCY_META = "io.duragate/idempotency-key"
 TASK_ID_META = "io.duragate/task-id"
 REPLAYED_META = "io.duragate/replayed"
 ERROR_META = "io.duragate/error"
+USAGE_META = "io.duragate/usage"
 RELATED_TASK_META = "io.modelcontextprotocol/related-task"
 # Where the HTTP layer puts the authenticated caller (ASGI scope key).
 PRINCIPAL_SCOPE_KEY = "duragate.principal"
@@ -418,6 +419,8 @@ def render(view: CallView) -> types.CallToolResult:
     meta: dict[str, Any] = {TASK_ID_META: view.task_id}
     if view.replayed:
         meta[REPLAYED_META] = True
+    if view.usage:
+        meta[USAGE_META] = view.usage
     if view.state == CallState.COMPLETED:
         value = view.result
         if isinstance(value, dict):

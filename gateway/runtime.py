@@ -25,6 +25,7 @@ import grpc
 from dapr.ext.workflow.aio import DaprWorkflowClient
 from dapr.ext.workflow.logger import LoggerOptions
 
+from adapters.checkpoints import CheckpointStore
 from gateway import workflow
 from gateway.progress import ProgressHub
 from gateway.sidecar.protos import workflow_grpc
@@ -38,6 +39,12 @@ START_TIMEOUT_SECONDS = 30.0
 # A sidecar of a gateway that was just killed may still be closing its database.
 LOCKED_RETRY_SECONDS = 15.0
 SDK_LOGS = LoggerOptions(log_level="WARNING")
+
+
+def _http_endpoint(address: str) -> str:
+    return (
+        address.rstrip("/") if address.startswith(("http://", "https://")) else f"http://{address}"
+    )
 
 
 class EngineStartError(RuntimeError):
@@ -55,6 +62,7 @@ class SidecarProcess:
         self.synchronous = synchronous
         self._proc: asyncio.subprocess.Process | None = None
         self.address = ""
+        self.http_address: str | None = None
 
     async def start(self) -> str:
         deadline = time.monotonic() + LOCKED_RETRY_SECONDS
@@ -70,7 +78,8 @@ class SidecarProcess:
     async def _start_once(self) -> str:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         cmd = [sys.executable, "-m", "gateway.sidecar.server", "--db", str(self.db_path)]
-        cmd += ["--listen", "127.0.0.1:0", "--http-listen", "none"]
+        # The HTTP listener serves only the health probe that `DaprClient` (checkpoints) waits on.
+        cmd += ["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]
         cmd += ["--synchronous", self.synchronous, "--exit-with-parent", "--log-level", level]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -102,7 +111,9 @@ class SidecarProcess:
                 async for raw in proc.stdout:
                     line = raw.decode(errors="replace")
                     if line.startswith(READY_MARKER):
-                        self.address = json.loads(line[len(READY_MARKER) :])["grpc_address"]
+                        ready = json.loads(line[len(READY_MARKER) :])
+                        self.address = ready["grpc_address"]
+                        self.http_address = ready.get("http_address")
                         self._proc = proc
                         self._relay = relay_task
                         return self.address
@@ -144,6 +155,9 @@ class DurableRuntime:
         self.lookup = lookup
         self.progress = ProgressHub()
         self.address = ""
+        self.http_address: str | None = None
+        # Adapters' checkpoints, in the sidecar's state API (see adapters.checkpoints).
+        self.checkpoints: CheckpointStore | None = None
         self._sidecar: SidecarProcess | SidecarThread | None = None
         self._worker: wf.WorkflowRuntime | None = None
         self._client: DaprWorkflowClient | None = None
@@ -171,7 +185,11 @@ class DurableRuntime:
             self.address = await self._start_engine()
             host, _, port = self.address.rpartition(":")
             worker = wf.WorkflowRuntime(host=host, port=port, logger_options=SDK_LOGS)
-            workflow.register(worker, self.lookup, self.progress)
+            http = self.http_address
+            self.checkpoints = CheckpointStore(
+                self.address, http_endpoint=_http_endpoint(http) if http else None
+            )
+            workflow.register(worker, self.lookup, self.progress, self.checkpoints)
             await asyncio.to_thread(worker.start)
             self._worker = worker
             self._client = DaprWorkflowClient(host=host, port=port, logger_options=SDK_LOGS)
@@ -188,22 +206,26 @@ class DurableRuntime:
 
                 dapr_settings.DAPR_API_TOKEN = os.environ[token_env]  # type: ignore[attr-defined]
                 self.metadata = (("dapr-api-token", os.environ[token_env]),)
+            self.http_address = self.engine.http_address
             return str(self.engine.grpc_address)
         mode = getattr(self.engine, "sidecar", "process")
         if mode == "thread":
             settings = SidecarSettings(
                 db_path=self.db_path,
                 grpc_listen="127.0.0.1:0",
-                http_listen=None,
+                http_listen="127.0.0.1:0",
                 synchronous=self.engine.synchronous,
             )
             thread = SidecarThread(settings)
             await asyncio.to_thread(thread.start)
             self._sidecar = thread
+            self.http_address = thread.http_address
             return thread.grpc_address
         process = SidecarProcess(self.db_path, self.engine.synchronous)
         self._sidecar = process
-        return await process.start()
+        address = await process.start()
+        self.http_address = process.http_address
+        return address
 
     async def ready(self) -> bool:
         """True when the engine answers."""
@@ -221,6 +243,9 @@ class DurableRuntime:
         if worker is not None:
             await asyncio.to_thread(worker.shutdown)
         self._client = None
+        checkpoints, self.checkpoints = self.checkpoints, None
+        if checkpoints is not None:
+            await asyncio.to_thread(checkpoints.close)
         channel, self._channel, self._stub = self._channel, None, None
         if channel is not None:
             await channel.close()

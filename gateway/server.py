@@ -27,6 +27,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+import adapters
 from adapters.base import PreparedTool
 from gateway import paths
 from gateway.a2a_cards import check_agents
@@ -135,6 +136,7 @@ class Gateway:
         """Load every tool, then start the engine. Raises `ConfigError` for a tool that does
         not load (nothing started yet) and `GatewayStartError` if the engine does not start
         (whatever had started is stopped)."""
+        adapters.set_data_dir(self.data_dir)  # before tools load: some keep files there
         registry = await asyncio.to_thread(Registry.from_config, self._config)
         check_agents(self._config)
         policy = await asyncio.to_thread(load_policy, self._config)

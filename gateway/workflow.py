@@ -4,6 +4,12 @@ Workflow code is deterministic: no clocks, randomness or I/O here, only what the
 The workflow's input is the call (see `dispatch.CallInput`); its output is
 `{"ok": true, "result": ...}` or `{"ok": false, "error": {"type", "message", "data"}}`; its custom
 status is `{"state": ..., "message": ...}`, which front doors turn into progress.
+
+A tool may ask for a person's input (`adapters.base.InputRequired`): the activity returns the
+request, the workflow shows `{"state": "input_required", "message": ..., "input": {"round": n,
+"request": ...}}` and waits (durably, up to `input_expires_seconds`) for the event
+`duragate.input` with `{"value": ..., "by": ..., "round": n}`, then runs the tool again with that
+input. What the tool reports as usage comes back as `"usage"` next to the result.
 """
 
 from __future__ import annotations
@@ -16,12 +22,17 @@ from typing import Any
 
 import dapr.ext.workflow as wf
 
-from adapters.base import ToolContext, ToolError
+from adapters.base import InputRequired, SuppliedInput, ToolContext, ToolError
+from adapters.checkpoints import CheckpointStore
 from gateway.progress import ProgressHub
 
 WORKFLOW_NAME = "duragate.call"
 ACTIVITY_NAME = "duragate.tool"
 APPROVAL_EVENT = "duragate.approval"
+INPUT_EVENT = "duragate.input"
+DEFAULT_INPUT_EXPIRES_SECONDS = 86400.0
+# Inputs one call may ask for; a tool that keeps asking is stopped.
+MAX_INPUT_ROUNDS = 100
 
 
 class NonRetryableError(Exception):
@@ -68,27 +79,81 @@ def call_workflow(ctx: wf.DaprWorkflowContext, call: dict[str, Any]) -> Generato
             backoff_coefficient=float(retry.get("backoff_coefficient", 2.0)),
             max_retry_interval=timedelta(seconds=float(retry.get("max_interval_seconds", 60))),
         )
-    activity: Any = ctx.call_activity(
-        ACTIVITY_NAME,
-        input={"tool": tool, "arguments": call["arguments"], "principal": call["principal"]},
-        retry_policy=policy,
-    )
-    timeout = float(call["timeout_seconds"])
-    timer = ctx.create_timer(timedelta(seconds=timeout))
-    winner = yield wf.when_any([activity, timer])
-    if winner is timer:
-        ctx.set_custom_status(_status("failed", f"{tool} timed out"))
-        return failure("timeout", f"{tool} did not finish within {timeout:g} s")
-    try:
-        result = activity.get_result()
-    except Exception as exc:  # TaskFailedError: the tool failed, after its retries
-        details = getattr(exc, "details", None)
-        ctx.set_custom_status(_status("failed", f"{tool} failed"))
-        if details is None:
-            return failure("error", str(exc))
-        return _decode_failure(details)
-    ctx.set_custom_status(_status("completed", f"{tool} completed"))
-    return {"ok": True, "result": result}
+    supplied: dict[str, Any] | None = None
+    rounds = 0
+    while True:
+        # `envelope`: the activity answers {"envelope": 1, "result", "usage"} or
+        # {"envelope": 1, "input_required"}; histories recorded before envelopes existed hold
+        # the bare result, which is still understood on replay.
+        activity_input = {
+            "tool": tool,
+            "arguments": call["arguments"],
+            "principal": call["principal"],
+            "envelope": True,
+        }
+        if supplied is not None:
+            activity_input["input"] = supplied
+        activity: Any = ctx.call_activity(ACTIVITY_NAME, input=activity_input, retry_policy=policy)
+        timeout = float(call["timeout_seconds"])
+        timer = ctx.create_timer(timedelta(seconds=timeout))
+        winner = yield wf.when_any([activity, timer])
+        if winner is timer:
+            ctx.set_custom_status(_status("failed", f"{tool} timed out"))
+            return failure("timeout", f"{tool} did not finish within {timeout:g} s")
+        try:
+            answer = activity.get_result()
+        except Exception as exc:  # TaskFailedError: the tool failed, after its retries
+            details = getattr(exc, "details", None)
+            ctx.set_custom_status(_status("failed", f"{tool} failed"))
+            if details is None:
+                return failure("error", str(exc))
+            return _decode_failure(details)
+        if not isinstance(answer, dict) or answer.get("envelope") != 1:
+            answer = {"result": answer}
+        request = answer.get("input_required")
+        if request is None:
+            ctx.set_custom_status(_status("completed", f"{tool} completed"))
+            output: dict[str, Any] = {"ok": True, "result": answer.get("result")}
+            if answer.get("usage"):
+                output["usage"] = answer["usage"]
+            return output
+        rounds += 1
+        if rounds > MAX_INPUT_ROUNDS:
+            ctx.set_custom_status(_status("failed", f"{tool} asked for input too often"))
+            return failure(
+                "too_many_inputs", f"{tool} asked for input more than {MAX_INPUT_ROUNDS} times"
+            )
+        supplied = yield from _await_input(ctx, call, request, rounds)
+        if supplied is None:
+            ctx.set_custom_status(_status("failed", f"input for {tool} expired"))
+            expires = float(call.get("input_expires_seconds") or DEFAULT_INPUT_EXPIRES_SECONDS)
+            return failure("input_expired", f"no input for {tool} within {expires:g} s")
+        ctx.set_custom_status(_status("running", f"running {tool} with the input supplied"))
+
+
+def _await_input(
+    ctx: wf.DaprWorkflowContext, call: dict[str, Any], request: dict[str, Any], round_: int
+) -> Generator[Any, Any, dict[str, Any] | None]:
+    """Wait for the input of round `round_`; None if it does not come in time. An input sent
+    for another round (a late duplicate) is ignored: it must not answer this request."""
+    tool = call["tool"]
+    expires = float(call.get("input_expires_seconds") or DEFAULT_INPUT_EXPIRES_SECONDS)
+    status = {
+        "state": "input_required",
+        "message": request.get("message") or f"{tool} is waiting for input",
+        "input": {"round": round_, "request": request.get("payload")},
+    }
+    ctx.set_custom_status(json.dumps(status, default=str))
+    expiry = ctx.create_timer(timedelta(seconds=expires))
+    for _ in range(MAX_INPUT_ROUNDS):
+        event = ctx.wait_for_external_event(INPUT_EVENT)
+        winner = yield wf.when_any([event, expiry])
+        if winner is expiry:
+            return None
+        supplied = event.get_result() or {}
+        if supplied.get("round") == round_:
+            return {"value": supplied.get("value"), "by": supplied.get("by", ""), "round": round_}
+    return None
 
 
 def _await_approval(
@@ -115,9 +180,11 @@ def _await_approval(
     return None
 
 
-def make_tool_activity(lookup: Callable[[str], Any], hub: ProgressHub) -> Callable[..., Any]:
-    """The activity that runs one tool; `lookup(name)` returns its prepared tool or None, and
-    what the tool reports as progress goes to `hub`."""
+def make_tool_activity(
+    lookup: Callable[[str], Any], hub: ProgressHub, checkpoints: CheckpointStore | None = None
+) -> Callable[..., Any]:
+    """The activity that runs one tool; `lookup(name)` returns its prepared tool or None, what
+    the tool reports as progress goes to `hub`, and its checkpoints go to `checkpoints`."""
     # Runs of each task execution seen by this process: the attempt number tools are given
     # (a retry in another process, or after a restart, starts counting again).
     attempts: OrderedDict[str, int] = OrderedDict()
@@ -140,22 +207,49 @@ def make_tool_activity(lookup: Callable[[str], Any], hub: ProgressHub) -> Callab
         attempts[execution_id] = attempt
         if len(attempts) > 10_000:
             attempts.popitem(last=False)
+        supplied = inp.get("input")
         context = ToolContext(
             instance_id=ctx.workflow_id,
             task_execution_id=execution_id,
             attempt=attempt,
             report_progress=hub.reporter(ctx.workflow_id),
+            checkpoints=checkpoints,
+            supplied_input=(
+                SuppliedInput(supplied.get("value"), supplied.get("by", ""), supplied["round"])
+                if supplied
+                else None
+            ),
         )
         try:
-            return await tool.invoke(inp["arguments"], context)
+            result = await tool.invoke(inp["arguments"], context)
         except ToolError as exc:
             payload = {"type": "tool_error", "message": exc.message, "data": exc.data}
             raise NonRetryableError(json.dumps(payload, default=str)) from exc
+        except InputRequired as exc:
+            if not inp.get("envelope"):  # a workflow of an older version cannot wait for input
+                message = f"{name} asked for input, which this call cannot wait for"
+                payload = {"type": "tool_error", "message": message, "data": exc.payload}
+                raise NonRetryableError(json.dumps(payload, default=str)) from exc
+            return {
+                "envelope": 1,
+                "input_required": {"message": exc.message, "payload": exc.payload},
+            }
+        if not inp.get("envelope"):
+            return result
+        answer = {"envelope": 1, "result": result}
+        if context.usage:
+            answer["usage"] = context.usage
+        return answer
 
     return duragate_tool
 
 
-def register(runtime: wf.WorkflowRuntime, lookup: Callable[[str], Any], hub: ProgressHub) -> None:
+def register(
+    runtime: wf.WorkflowRuntime,
+    lookup: Callable[[str], Any],
+    hub: ProgressHub,
+    checkpoints: CheckpointStore | None = None,
+) -> None:
     # A fresh function per runtime: the SDK marks a registered function and refuses it in a
     # second runtime of the same process (tests, a reloaded gateway).
     def duragate_call(
@@ -164,4 +258,4 @@ def register(runtime: wf.WorkflowRuntime, lookup: Callable[[str], Any], hub: Pro
         return (yield from call_workflow(ctx, call))
 
     runtime.register_workflow(duragate_call, name=WORKFLOW_NAME)
-    runtime.register_activity(make_tool_activity(lookup, hub), name=ACTIVITY_NAME)
+    runtime.register_activity(make_tool_activity(lookup, hub, checkpoints), name=ACTIVITY_NAME)

@@ -52,10 +52,12 @@ def test_demo_config() -> None:
     assert isinstance(config.engine, EmbeddedEngineConfig)
     assert config.engine.synchronous == "FULL"
     assert config.identity.allow_anonymous is True
-    assert [t.name for t in config.tools] == ["add", "slow_echo", "flaky", "fail", "word_count"]
+    names = ["add", "slow_echo", "flaky", "fail", "word_count", "pipeline", "review"]
+    assert [t.name for t in config.tools] == names
     flaky = config.tools[2]
     assert flaky.retry.max_attempts == 3
-    assert all(t.kind == "python" for t in config.tools)
+    assert [t.kind for t in config.tools] == ["python"] * 5 + ["langgraph"] * 2
+    assert config.tools[5].options == {"recursion_limit": 25}
     assert config.source == str(REPO / "config" / "gateway.yaml")
     assert config.line_of(("tools", 2, "retry", "max_attempts")) is not None
 
