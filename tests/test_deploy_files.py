@@ -37,9 +37,13 @@ import yaml
 from cryptography import x509
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from starlette.routing import Route
 
 from gateway.config import GatewayConfig, load_config, parse_config
+from gateway.http_app import build_app
+from gateway.mcp_front import McpFront
 from gateway.registry import Registry
+from gateway.server import Gateway
 from identity.dev_ca import DevCA, write_x509_svid
 from policies.loader import PolicyStore, parse_policy
 from tests.gateway.conftest import INIT, MCP_HEADERS
@@ -374,7 +378,7 @@ def test_daprd_and_the_gateway_share_one_api_token() -> None:
     assert ref == {"name": pod_annotations()["dapr.io/api-token-secret"], "key": "token"}
 
 
-def test_probes_and_port_match_the_gateway() -> None:
+def test_probes_and_port_match_the_gateway(tmp_path: Path) -> None:
     config = cluster_config()
     container = gateway_container()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -389,6 +393,12 @@ def test_probes_and_port_match_the_gateway() -> None:
         "livenessProbe": "/healthz",
         "readinessProbe": "/readyz",
     }
+    # ... and they are GET routes of the gateway's HTTP app (the live test below calls them).
+    gateway = Gateway(GatewayConfig(), tmp_path)
+    app = build_app(gateway, McpFront(gateway, gateway.sessions, front_door="mcp-http"), "0.0.0.0")
+    routes = {r.path: r.methods for r in app.routes if isinstance(r, Route)}
+    for path in paths.values():
+        assert "GET" in (routes.get(path) or ()), f"{path} is no GET route of the gateway"
     service = the("Service")
     assert [p["targetPort"] for p in service["spec"]["ports"]] == ["https"]
     labels = the("Deployment")["spec"]["template"]["metadata"]["labels"]
