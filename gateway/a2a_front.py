@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from a2a.server.context import ServerCallContext
@@ -55,6 +56,7 @@ from a2a.types import (
     TaskPushNotificationConfig,
     UnsupportedOperationError,
 )
+from google.protobuf.json_format import MessageToDict
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -74,6 +76,21 @@ DEFAULT_PAGE_SIZE = 50
 # A stream follows its task in slices of this many seconds (each slice a bounded wait).
 STREAM_SLICE_SECONDS = 3600.0
 STREAM_QUEUE = 64
+
+
+@dataclass(frozen=True)
+class _Answered:
+    view: CallView
+    follow: bool  # whether the sender may follow the task (it is its owner)
+    answered: Any  # the wait it answered (see _wait_key)
+
+
+def _waits(view: CallView) -> bool:
+    return view.state == CallState.INPUT_REQUIRED
+
+
+def _wait_key(view: CallView) -> Any:
+    return (view.waiting_for, view.input_round)
 
 
 class _Interrupted(Exception):
@@ -154,16 +171,21 @@ class DurableRequestHandler(RequestHandler):
             raise TaskNotFoundError(f"no task {task_id!r}")
         return view
 
-    async def _settle(self, view: CallView, principal: Principal, timeout: float) -> CallView:
-        """Wait until the task ends or stops for input, at most `timeout` seconds."""
+    async def _settle(
+        self, view: CallView, principal: Principal, timeout: float, answered: Any = None
+    ) -> CallView:
+        """Wait until the task ends or stops for input, at most `timeout` seconds. `answered`
+        is the wait this request just answered: the engine may still show it for a moment."""
         if view.terminal or view.state == CallState.INPUT_REQUIRED:
             return view
         latest = view
 
         async def on_update(update: CallView) -> None:
             nonlocal latest
+            if _waits(update) and _wait_key(update) == answered:
+                return
             latest = dataclasses.replace(update)
-            if update.state == CallState.INPUT_REQUIRED:
+            if _waits(update):
                 raise _Interrupted
 
         try:
@@ -175,11 +197,15 @@ class DurableRequestHandler(RequestHandler):
         except DispatchError as exc:
             raise _a2a_error(exc) from None
 
-    async def _follow(self, view: CallView, principal: Principal) -> AsyncGenerator[Event]:
+    async def _follow(
+        self, view: CallView, principal: Principal, answered: Any = None
+    ) -> AsyncGenerator[Event]:
         """Status updates (and the result artifact) until the task ends or waits for input."""
         queue: asyncio.Queue[CallView] = asyncio.Queue(STREAM_QUEUE)
 
         async def on_update(update: CallView) -> None:
+            if _waits(update) and _wait_key(update) == answered:
+                return
             if queue.full():  # progress is lossy: keep the newest
                 queue.get_nowait()
             queue.put_nowait(dataclasses.replace(update))
@@ -271,8 +297,9 @@ class DurableRequestHandler(RequestHandler):
             await self._add_push(view.task_id, principal, config.task_push_notification_config)
         return view, principal
 
-    async def _answer(self, message: Message, context: ServerCallContext) -> CallView:
-        """A message on an existing task: the answer to what it waits for."""
+    async def _answer(self, message: Message, context: ServerCallContext) -> _Answered:
+        """A message on an existing task: the answer to what it waits for (the input its tool
+        asked for, from the task's owner; or an approval, from an approver the policy names)."""
         principal = _principal(context)
         agent = self._agent(context)
         task_id = message.task_id
@@ -289,6 +316,17 @@ class DurableRequestHandler(RequestHandler):
                 f"task {task_id} is {view.state.value} and waits for nothing; "
                 "get it or subscribe to it"
             )
+        if view is not None and view.waiting_for == "input":
+            if not agent.offers(view.tool):
+                raise TaskNotFoundError(f"no task {task_id!r}")
+            try:
+                await self.dispatcher.supply_input(task_id, principal, _input_value(message))
+            except DispatchError as exc:
+                raise _a2a_error(exc) from None
+            resumed = dataclasses.replace(
+                view, state=CallState.WORKING, message=f"input received; {view.tool} goes on"
+            )
+            return _Answered(resumed, follow=True, answered=_wait_key(view))
         approve, reason = _approval_answer(message)
         try:
             decided = await self.dispatcher.decide(task_id, principal, approve, reason)
@@ -301,7 +339,12 @@ class DurableRequestHandler(RequestHandler):
             raise _a2a_error(exc) from None
         if not agent.offers(decided.tool):
             raise TaskNotFoundError(f"no task {task_id!r}")
-        return decided
+        verdict = "approved" if approve else "rejected"
+        decided = dataclasses.replace(
+            decided, state=CallState.WORKING, message=f"{verdict} by {principal.id}"
+        )
+        # The approver sees the task as its answer left it; following it is its owner's business.
+        return _Answered(decided, follow=view is not None, answered=_wait_key(decided))
 
     async def _add_push(
         self, task_id: str, principal: Principal, config: TaskPushNotificationConfig
@@ -333,9 +376,13 @@ class DurableRequestHandler(RequestHandler):
     ) -> Task | Message:
         config = params.configuration
         history = config.history_length if config.HasField("history_length") else None
+        answered = None
         if params.message.task_id:
-            view = await self._answer(params.message, context)
+            answer = await self._answer(params.message, context)
             principal = _principal(context)
+            view, answered = answer.view, answer.answered
+            if not answer.follow:
+                return render.task_of(view, history_length=history)
         else:
             submitted, principal = await self._submit(params, context)
             if isinstance(submitted, Task):
@@ -343,15 +390,20 @@ class DurableRequestHandler(RequestHandler):
             view = submitted
         if not config.return_immediately:
             bound = self._host().config.a2a.blocking_wait_seconds
-            view = await self._settle(view, principal, bound)
+            view = await self._settle(view, principal, bound, answered)
         return render.task_of(view, history_length=history)
 
     async def on_message_send_stream(
         self, params: SendMessageRequest, context: ServerCallContext
     ) -> AsyncGenerator[Event]:
+        answered = None
         if params.message.task_id:
-            view = await self._answer(params.message, context)
+            answer = await self._answer(params.message, context)
             principal = _principal(context)
+            view, answered = answer.view, answer.answered
+            if not answer.follow:
+                yield render.task_of(view)
+                return
         else:
             submitted, principal = await self._submit(params, context)
             if isinstance(submitted, Task):
@@ -359,7 +411,7 @@ class DurableRequestHandler(RequestHandler):
                 return
             view = submitted
         yield render.task_of(view)
-        async for event in self._follow(view, principal):
+        async for event in self._follow(view, principal, answered):
             yield event
 
     async def on_get_task(self, params: GetTaskRequest, context: ServerCallContext) -> Task:
@@ -501,6 +553,15 @@ def _push_config(
     return config
 
 
+def _input_value(message: Message) -> Any:
+    """The value a message gives a tool that asked for input: its data part's value, else its
+    text."""
+    for part in message.parts:
+        if part.WhichOneof("content") == "data":
+            return render.integral(MessageToDict(part.data))
+    return render.text_of(message)
+
+
 _APPROVE_WORDS = {"approve", "approved", "yes", "y", "ok", "allow", "accept"}
 _DENY_WORDS = {"deny", "denied", "no", "n", "reject", "rejected", "refuse"}
 
@@ -510,11 +571,9 @@ def _approval_answer(message: Message) -> tuple[bool, str]:
     starts with approve/deny (the rest of the text is the reason)."""
     for part in message.parts:
         if part.WhichOneof("content") == "data":
-            data = render.integral(
-                {k: v for k, v in part.data.struct_value.items()}
-                if part.data.HasField("struct_value")
-                else {}
-            )
+            data = render.integral(MessageToDict(part.data))
+            if not isinstance(data, dict):
+                continue
             approve = data.get("approve")
             if isinstance(approve, bool):
                 return approve, str(data.get("reason", ""))

@@ -157,6 +157,8 @@ def _status(view: CallView, context_id: str) -> TaskStatus:
             extra["error"] = view.error
         if view.waiting_for:
             extra["waiting_for"] = view.waiting_for
+        if view.input_request is not None:
+            extra["input_request"] = view.input_request
         if view.progress is not None:
             extra["progress"] = view.progress
             if view.total is not None:

@@ -66,6 +66,9 @@ V1 = {"A2A-Version": "1.0"}
 
 def base_config(**changes: Any) -> dict[str, Any]:
     config = yaml.safe_load(TEST_CONFIG.read_text())
+    config["tools"].append(  # an agent-like kind: an A2A agent of its own
+        {"name": "review", "kind": "langgraph", "target": "examples.graphs:build_review"}
+    )
     config["a2a"] = {
         "agents": [{"name": "math", "description": "Arithmetic.", "tools": ["add"]}],
         "push": {"allowed_hosts": ["127.0.0.1"], "first_retry_seconds": 0.2},
@@ -245,7 +248,7 @@ async def test_cards_list_skills_agents_and_bindings(gateway: GatewayProcess) ->
     }
     assert directory.capabilities.streaming and directory.capabilities.push_notifications
     listed = MessageToDict(directory.capabilities.extensions[0].params)["agents"]
-    assert [a["name"] for a in listed] == ["math"]
+    assert [a["name"] for a in listed] == ["math", "review"]
     math = await card_of(gateway.base, "/a2a/agents/math")
     assert [s.id for s in math.skills] == ["add"]
     assert math.supported_interfaces[0].url == f"{gateway.base}/a2a/agents/math"
@@ -594,8 +597,11 @@ async def test_input_required_answered_by_an_approver(secured: Secured) -> None:
             await collect(alice, send(message(text="approve", task_id=waiting.id)))
     async with a2a_client(base, token=secured.token(BOB)) as bob:
         answered = final_task(
-            await collect(bob, send(message(text="approve looks fine", task_id=waiting.id)))
+            await collect(
+                bob, send(message(data={"approve": True, "reason": "fine"}, task_id=waiting.id))
+            )
         )
+        assert "approved by" in answered.status.message.parts[0].text
     assert answered.id == waiting.id
     async with a2a_client(base, token=secured.token(ALICE)) as alice:
         done = await poll(alice, waiting.id, {TaskState.TASK_STATE_COMPLETED})
@@ -657,3 +663,23 @@ def test_agent_config_errors_name_the_line(tmp_path: Path) -> None:
     typo = TEST_CONFIG.read_text() + "a2a:\n  push:\n    allowed_host: [x]\n"
     with pytest.raises(ConfigError, match="allowed_host"):
         parse_config(typo, "gw.yaml", tmp_path)
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+async def test_input_required_from_a_graph_interrupt(gateway: GatewayProcess, binding: str) -> None:
+    text = "Durable waits are workflow events. The rest is detail."
+    async with a2a_client(gateway.base, binding, "/a2a/agents/review") as client:
+        waiting = final_task(await collect(client, send(message(None, {"text": text}))))
+        assert waiting.status.state == TaskState.TASK_STATE_INPUT_REQUIRED, waiting
+        assert "Publish this summary?" in waiting.status.message.parts[0].text
+        answer = message(data={"approve": True, "note": "ship it"}, task_id=waiting.id)
+        done = final_task(await collect(client, send(answer)))
+        assert done.id == waiting.id
+        assert done.status.state == TaskState.TASK_STATE_COMPLETED, done
+        assert result_of(done) == {
+            "summary": "Durable waits are workflow events.",
+            "status": "approved",
+            "reviewer_note": "ship it",
+        }
+        with pytest.raises(ERRORS, match="completed"):  # nothing waits any more
+            await collect(client, send(message(data={"approve": False}, task_id=waiting.id)))
