@@ -32,7 +32,7 @@ from a2a.utils.push_url_validator import validate_push_notification_url
 from google.protobuf.json_format import MessageToDict
 
 from gateway.config import A2APushConfig
-from gateway.dispatch import CallState, CallView, Dispatcher, DispatchError
+from gateway.dispatch import CallState, CallView, Dispatcher, DispatchError, owns
 from gateway.state_client import EtagMismatch, StateClient
 from identity.principal import Principal
 
@@ -304,8 +304,7 @@ class PushService:
 
 
 def _owned_by(record: dict[str, Any], principal: Principal) -> bool:
-    owner = record.get("owner") or {}
-    return bool(owner.get("id") == principal.id and owner.get("tenant") == principal.tenant)
+    return owns(principal, record.get("owner") or {})
 
 
 def _with(index: dict[str, Any], task_id: str) -> dict[str, Any]:

@@ -181,6 +181,16 @@ def arguments_hash(arguments: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def owns(principal: Principal, owner: dict[str, Any]) -> bool:
+    """Whether `principal` is the caller a call was made by: same tenant, same SPIFFE ID, and
+    acting for the same people (an agent acting for Alice does not see what it did for Bob)."""
+    return (
+        owner.get("tenant") == principal.tenant
+        and owner.get("id") == principal.id
+        and list(owner.get("chain") or []) == list(principal.chain)
+    )
+
+
 def idempotent_task_id(principal: Principal, tool: str, key: str) -> str:
     digest = hashlib.sha256("\0".join([principal.tenant, tool, key]).encode()).hexdigest()
     return f"idem-{digest[:40]}"
@@ -404,8 +414,7 @@ class Dispatcher:
         refused if they differ. Keys are per tenant (the id is derived from it); within a
         tenant a call is its caller's: another caller gets neither the call nor its result."""
         stored = json.loads(state.serialized_input or "{}")
-        owner = stored.get("principal") or {}
-        if owner.get("tenant") != principal.tenant or owner.get("id") != principal.id:
+        if not owns(principal, stored.get("principal") or {}):
             raise DispatchError(
                 "idempotency_conflict",
                 "this idempotency key was already used by another caller; use a new key",
@@ -446,9 +455,8 @@ class Dispatcher:
         if state is None or state.name != WORKFLOW_NAME:
             raise DispatchError("not_found", f"no task {task_id!r}")
         call = json.loads(state.serialized_input or "{}")
-        owner = call.get("principal") or {}
         # A task belongs to its tenant and caller; anyone else is told it does not exist.
-        if owner.get("tenant") != principal.tenant or owner.get("id") != principal.id:
+        if not owns(principal, call.get("principal") or {}):
             raise DispatchError("not_found", f"no task {task_id!r}")
         return self._view(task_id, state, call)
 

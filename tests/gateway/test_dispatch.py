@@ -165,6 +165,21 @@ async def test_tasks_are_visible_to_their_owner_only(dispatcher: Dispatcher) -> 
     assert view.task_id in {v.task_id for v in mine} and theirs == []
 
 
+async def test_an_agent_sees_only_what_it_did_for_the_same_people(
+    dispatcher: Dispatcher,
+) -> None:
+    for_alice = Principal(OTHER.id, "default", "mtls", chain=("spiffe://example.org/user/alice",))
+    for_bob = Principal(OTHER.id, "default", "mtls", chain=("spiffe://example.org/user/bob",))
+    view = await dispatcher.submit(CallRequest("add", {"a": 1, "b": 1}, for_alice, "test"))
+    assert (await dispatcher.get(view.task_id, for_alice)).task_id == view.task_id
+    for stranger in (for_bob, OTHER):  # acting for someone else, or for no one
+        with pytest.raises(DispatchError) as info:
+            await dispatcher.get(view.task_id, stranger)
+        assert info.value.code == "not_found"
+        listed, _ = await dispatcher.list(stranger)
+        assert view.task_id not in {v.task_id for v in listed}
+
+
 async def test_progress_reaches_the_waiting_front_door(dispatcher: Dispatcher) -> None:
     updates: list[CallView] = []
 
