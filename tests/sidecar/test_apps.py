@@ -8,6 +8,7 @@ a call routed to the wrong app shows in the result, and every run is journaled w
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
@@ -425,3 +426,37 @@ def test_duragate_sidecar_takes_app_options(tmp_path: Path) -> None:
     assert code == 2 and "is not LISTEN=APP_ID" in err
     code, err = run("--http-listen", "off", "--app", "127.0.0.1:0=duragate")
     assert code == 2 and "the sidecar's own app id" in err
+
+
+# --- the gateway's embedded engine ------------------------------------------------------------
+
+
+async def test_the_gateway_engine_serves_the_configured_apps(apps: Apps, tmp_path: Path) -> None:
+    """`engine.apps` in the gateway config: the embedded sidecar (a child process of the
+    gateway) also serves app b, whose worker runs in a process of its own."""
+    from gateway.config import EmbeddedEngineConfig
+    from gateway.runtime import DurableRuntime
+
+    listen_b = f"127.0.0.1:{free_port()}"
+    runtime = DurableRuntime(
+        EmbeddedEngineConfig(apps={B: listen_b}), tmp_path / "engine.db", lambda name: None
+    )
+    await runtime.start()
+    try:
+        await asyncio.to_thread(apps.start_worker, B, listen_b)
+        client = apps.client(listen_b)
+        iid = await asyncio.to_thread(client.schedule_new_workflow, "b_child", input="gw")
+        output = await asyncio.to_thread(apps.completed, client, iid)
+        assert output == {"child_ran_on": B, "input": "gw"}
+    finally:
+        await runtime.stop()
+
+
+def test_engine_apps_must_be_loopback() -> None:
+    from gateway.config import EmbeddedEngineConfig
+
+    with pytest.raises(ValidationError, match="not a loopback address"):
+        EmbeddedEngineConfig(apps={B: "0.0.0.0:5000"})
+    with pytest.raises(ValidationError, match="cannot be the id of another app"):
+        EmbeddedEngineConfig(apps={"duragate": "127.0.0.1:5000"})
+    assert EmbeddedEngineConfig(apps={B: "unix:///tmp/b.sock"}).apps == {B: "unix:///tmp/b.sock"}
