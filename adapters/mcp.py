@@ -11,6 +11,10 @@
         env_from_env: {API_KEY: TOOLS_KEY}         # stdio: the server's variable -> ours
         connect_timeout_seconds: 10      # reaching the server, initialize, tools/list
         call_timeout_seconds: 300        # one tools/call (default: the tool's timeout)
+        tls:                             # https: the gateway's own X.509-SVID, presented
+          cert: /etc/duragate/svid.pem   #   as client certificate (mTLS), and the trust
+          key: /etc/duragate/svid.key    #   bundle that verifies the server (default: the
+          ca: /etc/duragate/bundle.pem   #   system's CAs); read again for every call
 
 Schemas and description come from the remote server's `tools/list`, read once at start-up. A
 server that cannot be reached then stops the gateway from starting, with an error naming the
@@ -32,7 +36,9 @@ stored result instead of running the tool again. Other servers ignore it.
 
 Header and environment values are read from the environment at start-up (a missing variable
 stops the start, naming the variable) and are never logged. Secret headers go only over https
-or to a loopback host.
+or to a loopback host. With `tls`, the gateway presents its own identity (its X.509-SVID) to
+the remote: the files are checked at start-up and read again for each call, so a rotated SVID
+is used without a restart.
 """
 
 from __future__ import annotations
@@ -42,10 +48,12 @@ import ipaddress
 import logging
 import os
 import shlex
+import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -70,6 +78,16 @@ _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 T = TypeVar("T")
 
 
+class TlsOptions(BaseModel):
+    """Client TLS for an https server: our certificate and key, and the CAs to trust."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+
 class McpOptions(BaseModel):
     """`options` of an `mcp` tool."""
 
@@ -81,6 +99,24 @@ class McpOptions(BaseModel):
     env_from_env: dict[str, str] = Field(default_factory=dict)
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
     call_timeout_seconds: float | None = Field(default=None, gt=0)
+    tls: TlsOptions | None = None
+
+
+def client_tls(options: TlsOptions) -> ssl.SSLContext:
+    """The TLS context of one connection: the CAs to trust and the certificate to present."""
+    try:
+        context = ssl.create_default_context(cafile=str(options.ca) if options.ca else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ToolLoadError(f"tls.ca {options.ca}: cannot load trust anchors: {exc}") from None
+    if options.cert is not None and options.key is not None:
+        try:
+            context.load_cert_chain(str(options.cert), str(options.key))
+        except (OSError, ssl.SSLError) as exc:
+            raise ToolLoadError(
+                f"tls.cert {options.cert} / tls.key {options.key}: cannot load the client "
+                f"certificate: {exc}"
+            ) from None
+    return context
 
 
 class RemoteCallError(Exception):
@@ -204,8 +240,8 @@ class McpTool:
 
     # --- start-up -----------------------------------------------------------------------
     def _stdio_params(self, target: str) -> StdioServerParameters:
-        if self.options.headers_from_env or self.options.bearer_token_env:
-            raise ToolLoadError("headers apply to an MCP server over HTTP, not over stdio")
+        if self.options.headers_from_env or self.options.bearer_token_env or self.options.tls:
+            raise ToolLoadError("headers and tls apply to an MCP server over HTTP, not over stdio")
         try:
             argv = shlex.split(target[len(STDIO_PREFIX) :])
         except ValueError as exc:
@@ -239,6 +275,13 @@ class McpTool:
                 f"target {url!r}: credentials are sent only over https (or to a loopback host);"
                 " use an https:// URL"
             )
+        tls = self.options.tls
+        if tls is not None:
+            if parts.scheme != "https":
+                raise ToolLoadError(f"target {url!r}: tls options need an https:// URL")
+            if (tls.cert is None) != (tls.key is None):
+                raise ToolLoadError("tls.cert and tls.key go together: give both, or neither")
+            client_tls(tls)  # refuse a start with unreadable files, not the first call
         return headers
 
     def _load_spec(self, config: ToolConfig) -> ToolSpec:
@@ -300,7 +343,11 @@ class McpTool:
                     yield session
             return
         timeout = httpx.Timeout(self.call_timeout, connect=self.options.connect_timeout_seconds)
-        async with httpx.AsyncClient(headers=self._headers, timeout=timeout) as http:
+        verify: ssl.SSLContext | bool = True
+        if self.options.tls is not None:
+            # Read for every session: a renewed SVID is picked up without a restart.
+            verify = client_tls(self.options.tls)
+        async with httpx.AsyncClient(headers=self._headers, timeout=timeout, verify=verify) as http:
             async with streamable_http_client(self.where, http_client=http) as (read, write, _):
                 async with ClientSession(
                     read, write, read_timeout_seconds=request_timeout, client_info=info

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from mcp import types
 from adapters.base import ToolContext, ToolError, ToolLoadError
 from adapters.mcp import ADAPTER, IDEMPOTENCY_META, McpTool, RemoteCallError
 from gateway.config import ToolConfig
+from identity.dev_ca import DevCA, write_x509_svid
 from tests.gateway.conftest import (
     TEST_CONFIG,
     GatewayFactory,
@@ -458,3 +460,90 @@ async def test_a_call_chained_through_two_gateways(
     assert not result.isError, (result, front.log(), remote.log())
     assert result.structuredContent == {"note": "chained", "runs": 1}
     assert effects.read_text().splitlines() == ["chained"]
+
+
+# --- the gateway's own identity, outbound -----------------------------------------------------
+
+CALLER = "spiffe://example.org/team-a/front-gateway"
+MTLS_REMOTE = """\
+listen:
+  host: 127.0.0.1
+  port: 0
+  tls:
+    cert: server.pem
+    key: server.key
+    client_certs: required
+identity:
+  trust_domain: example.org
+  allow_anonymous: false
+  bundles:
+    example.org: ca/bundle.json
+  tenants:
+    - match: spiffe://example.org/team-a/**
+      tenant: team-a
+tools:
+  - name: record
+    kind: python
+    target: tests.adapters.side_effects:record
+"""
+
+
+async def test_the_gateway_presents_its_svid_to_a_remote_duragate(
+    gateways: GatewayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    effects = tmp_path / "effects.txt"
+    monkeypatch.setenv("SIDE_EFFECTS_FILE", str(effects))
+    remote_dir = tmp_path / "mtls"
+    ca = DevCA.create(remote_dir / "ca", "example.org")
+    cert, key = ca.issue_x509_svid(
+        "spiffe://example.org/remote",
+        timedelta(hours=1),
+        server_names=["127.0.0.1"],
+        for_server=True,
+    )
+    write_x509_svid(remote_dir / "server.pem", remote_dir / "server.key", cert, key)
+    cert, key = ca.issue_x509_svid(CALLER, timedelta(hours=1))
+    svid = (tmp_path / "svid.pem", tmp_path / "svid.key")
+    write_x509_svid(*svid, cert, key)
+    (remote_dir / "gateway.yaml").write_text(MTLS_REMOTE)
+    remote = gateways(remote_dir / "gateway.yaml", data_dir=remote_dir / "data")
+    assert remote.url.startswith("https://127.0.0.1:")
+
+    tls = {"cert": str(svid[0]), "key": str(svid[1]), "ca": str(remote_dir / "ca" / "bundle.pem")}
+    tool = ADAPTER.prepare(mcp_config("record", remote.url, options={"tls": tls}))
+    assert await tool.invoke({"note": "signed"}, context("exec-tls")) == {
+        "note": "signed",
+        "runs": 1,
+    }
+    # The remote knew who called: our SVID, as its own tenant's principal.
+    assert f"principal={CALLER} tenant=team-a" in remote.log_path.read_text()
+
+    # Without the certificate the remote refuses the connection: a retryable transport error.
+    schema = {"type": "object", "properties": {"note": {"type": "string"}}}
+    anonymous = ADAPTER.prepare(
+        mcp_config("record", remote.url, input_schema=schema, options={"tls": {"ca": tls["ca"]}})
+    )
+    with pytest.raises(RemoteCallError):
+        await anonymous.invoke({"note": "unsigned"}, context("exec-anon"))
+    assert effects.read_text().splitlines() == ["signed"]
+
+
+def test_tls_options_are_checked(tmp_path: Path) -> None:
+    schema = {"type": "object"}
+    url = "https://127.0.0.1:1/mcp"
+    with pytest.raises(ToolLoadError, match="tls.cert and tls.key go together"):
+        ADAPTER.prepare(mcp_config("x", url, input_schema=schema, options={"tls": {"cert": "a"}}))
+    with pytest.raises(ToolLoadError, match="need an https:// URL"):
+        ADAPTER.prepare(
+            mcp_config("x", "http://127.0.0.1:1/mcp", input_schema=schema, options={"tls": {}})
+        )
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(ToolLoadError, match=f"tls.cert {missing}"):
+        ADAPTER.prepare(
+            mcp_config(
+                "x",
+                url,
+                input_schema=schema,
+                options={"tls": {"cert": str(missing), "key": str(missing)}},
+            )
+        )
