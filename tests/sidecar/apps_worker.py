@@ -101,6 +101,10 @@ def remote_gated(ctx: wf.DaprWorkflowContext, gate: str) -> Any:
     return {"first": first["app"], "passed": passed, "child": child}
 
 
+def remote_child_gated(ctx: wf.DaprWorkflowContext, gate: str) -> Any:
+    return (yield ctx.call_child_workflow("b_gated_child", input=gate, app_id=B))
+
+
 def unknown_app(ctx: wf.DaprWorkflowContext, _: Any) -> Any:
     errors: dict[str, str] = {}
     try:
@@ -130,7 +134,15 @@ def b_child(ctx: wf.DaprWorkflowContext, inp: str) -> Any:
     return {"child_ran_on": mine["app"], "input": inp}
 
 
-WORKFLOWS = {"a": (cross_app, remote_only, remote_gated, unknown_app), B: (b_child,)}
+def b_gated_child(ctx: wf.DaprWorkflowContext, gate: str) -> Any:
+    passed = yield ctx.call_activity("gated", input=gate)
+    return {"child_ran_on": B, "passed": passed}
+
+
+WORKFLOWS = {
+    "a": (cross_app, remote_only, remote_gated, remote_child_gated, unknown_app),
+    B: (b_child, b_gated_child),
+}
 
 
 # --- the program ------------------------------------------------------------------------------

@@ -363,7 +363,9 @@ def test_a_pending_cross_app_call_survives_a_sidecar_kill(
     client = apps.client(listen_a)
 
     iid = client.schedule_new_workflow("remote_gated", input="g1")
-    apps.wait_until(lambda: apps.runs("gated"), "app b runs the gated activity")
+    # And a cross-app child workflow, itself waiting on its own (second app's) activity.
+    child_parent = client.schedule_new_workflow("remote_child_gated", input="g2")
+    apps.wait_until(lambda: len(apps.runs("gated")) == 2, "app b runs both gated activities")
     sidecar.kill()
 
     sidecar = sidecar_process(db, listen=listen_a, http_listen=None, extra_args=args)
@@ -371,15 +373,18 @@ def test_a_pending_cross_app_call_survives_a_sidecar_kill(
     assert sidecar.apps == {A: listen_a, B: listen_b}
     # The same worker processes reconnect; the pending call, restored from the store, goes to
     # the second app's worker again.
-    apps.wait_until(lambda: len(apps.runs("gated")) == 2, "app b gets the gated activity again")
+    apps.wait_until(lambda: len(apps.runs("gated")) == 4, "app b gets both activities again")
     (apps.gates / "g1").touch()
+    (apps.gates / "g2").touch()
     client = apps.client(listen_a)
     assert apps.completed(client, iid) == {
         "first": B,
         "passed": f"{B} passed g1",
         "child": {"child_ran_on": B, "input": "after"},
     }
-    assert [r["pid"] for r in apps.runs("gated")] == [worker_b.pid, worker_b.pid]
+    # The restored child still belongs to the second app: its turns went to b's worker.
+    assert apps.completed(client, child_parent) == {"child_ran_on": B, "passed": f"{B} passed g2"}
+    assert {r["pid"] for r in apps.runs("gated")} == {worker_b.pid}
     assert {r["app"] for r in apps.runs("whoami")} == {B}
     counts = kinds(raw_history(apps, listen_a, iid))
     assert counts["taskScheduled"] == 2 and counts["taskCompleted"] == 2
