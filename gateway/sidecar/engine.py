@@ -1301,8 +1301,10 @@ class _Turn:
             )
         )
         if app not in self.e._ready:
-            # daprd fails the task when the target app cannot be reached; the workflow's
-            # retry policy then applies, and without one the workflow sees the error.
+            # Not a configured app: fail the task at once with daprd's dispatch error, so the
+            # workflow's retry policy applies and then the workflow sees the error. (daprd
+            # cannot tell an unknown app from one that is down and retries the dispatch; the
+            # apps here are configured, so waiting could only wait forever.)
             ev = _event(
                 taskFailed=pb.TaskFailedEvent(
                     taskScheduledId=action.id,
