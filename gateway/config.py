@@ -446,7 +446,6 @@ class ToolConfig(_Strict):
     timeout_seconds: float = Field(default=60.0, gt=0)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     task_support: TaskSupport = "optional"
-    # Settings of the tool's kind, checked by its adapter at load time.
     options: dict[str, Any] = {}
 
     @field_validator("name")
