@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -28,11 +29,11 @@ from dapr.ext.workflow.logger import LoggerOptions
 from pydantic import ValidationError
 
 from gateway.sidecar.protos import pb, workflow_grpc
-from gateway.sidecar.server import SidecarThread, _parse_args
+from gateway.sidecar.server import SidecarError, SidecarThread, _parse_args
 from gateway.sidecar.settings import SidecarSettings
 
 from .apps_worker import READY_MARKER
-from .conftest import REPO_ROOT, DaprEnv, SidecarFactory, SidecarProcess
+from .conftest import REPO_ROOT, DaprEnv, SidecarFactory, SidecarProcess, sidecar_settings
 from .test_crash import free_port
 
 QUIET = LoggerOptions(log_level="WARNING")
@@ -465,3 +466,18 @@ def test_engine_apps_must_be_loopback() -> None:
     with pytest.raises(ValidationError, match="cannot be the id of another app"):
         EmbeddedEngineConfig(apps={"duragate": "127.0.0.1:5000"})
     assert EmbeddedEngineConfig(apps={B: "unix:///tmp/b.sock"}).apps == {B: "unix:///tmp/b.sock"}
+
+
+def test_an_app_address_in_use_stops_the_start_cleanly(
+    sidecar_factory: SidecarFactory, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        settings = sidecar_settings(tmp_path / "s.db", apps={B: f"127.0.0.1:{port}"})
+        with pytest.raises(SidecarError, match=f"cannot listen on 127.0.0.1:{port}"):
+            SidecarThread(settings).start()
+    # Nothing was left holding the database: a sidecar starts on it at once.
+    sidecar = sidecar_factory(db_path=tmp_path / "s.db", apps={B: "127.0.0.1:0"})
+    assert sidecar.sidecar is not None and set(sidecar.sidecar.app_addresses) == {"duragate", B}
