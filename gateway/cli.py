@@ -50,6 +50,7 @@ _OPTION_OF_FIELD = {
     "grpc_listen": "--listen",
     "http_listen": "--http-listen",
     "app_id": "--app-id",
+    "apps": "--app",
     "state_store_name": "--state-store-name",
     "max_payload_bytes": "--max-payload-bytes",
     "synchronous": "--synchronous",
@@ -200,6 +201,19 @@ def _http_address(value: str | None) -> str | None:
     return _check_address(value, allow_unix=False)
 
 
+def _app_listeners(pairs: list[str]) -> dict[str, str]:
+    """`--app LISTEN=APP_ID` options -> {app id: listen address}."""
+    apps: dict[str, str] = {}
+    for pair in pairs:
+        listen, sep, app = pair.rpartition("=")
+        if not sep or not listen or not app:
+            raise typer.BadParameter(f"{pair!r} is not LISTEN=APP_ID", param_hint="'--app'")
+        if app in apps:
+            raise typer.BadParameter(f"app {app!r} is given twice", param_hint="'--app'")
+        apps[app] = _grpc_address(listen)
+    return apps
+
+
 def _api_token() -> SecretStr | None:
     value = os.environ.get(TOKEN_ENV)
     return SecretStr(value) if value else None
@@ -220,8 +234,14 @@ def _build_settings(
         ) from None
     if settings.require_token() and settings.api_token is None:
         remote = [a for a in (settings.grpc_listen, settings.http_listen) if a]
+        remote += list(settings.apps.values())
         remote = [a for a in remote if not is_local_address(a)]
-        option = listen_options[0] if settings.grpc_listen in remote else listen_options[1]
+        if settings.grpc_listen in remote:
+            option = listen_options[0]
+        elif settings.http_listen in remote:
+            option = listen_options[1]
+        else:
+            option = "--app"
         raise typer.BadParameter(
             f"{TOKEN_ENV} is not set, and {', '.join(remote)} is beyond loopback, where an API "
             f"token is required. Export {TOKEN_ENV}=<secret> (an environment variable, never a "
@@ -342,6 +362,15 @@ def sidecar(
         ),
     ] = _DEFAULTS["http_listen"],
     app_id: Annotated[str, typer.Option("--app-id", help="Dapr app id.")] = _DEFAULTS["app_id"],
+    app_pairs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--app",
+            metavar="LISTEN=APP_ID",
+            help="Also serve the Dapr app APP_ID, on its own gRPC address LISTEN; its workers "
+            "connect there (cross-app calls with app_id=...). Repeatable.",
+        ),
+    ] = None,
     state_store_name: Annotated[
         str, typer.Option("--state-store-name", help="Name of the state store component.")
     ] = _DEFAULTS["state_store_name"],
@@ -368,6 +397,7 @@ def sidecar(
         http_listen=http_listen,
         api_token=_api_token(),
         app_id=app_id,
+        apps=_app_listeners(app_pairs or []),
         state_store_name=state_store_name,
         max_payload_bytes=max_payload_bytes,
         synchronous=synchronous.value,
@@ -379,9 +409,11 @@ def sidecar(
         _ensure_parent(db_path)
     settings = settings.model_copy(update={"db_path": db_path})
     log.info(
-        "starting the sidecar: db=%s grpc=%s http=%s api_token=%s",
+        "starting the sidecar: db=%s grpc=%s (app %s)%s http=%s api_token=%s",
         settings.db_path,
         settings.grpc_listen,
+        settings.app_id,
+        "".join(f", {listen} (app {app})" for app, listen in settings.apps.items()),
         settings.http_listen or "off",
         "set" if settings.api_token else "not set",
     )

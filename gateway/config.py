@@ -42,6 +42,7 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.sidecar.settings import is_local_address
 from identity.principal import ANONYMOUS
 from identity.spiffe_id import SpiffeId, SpiffeIdError, SpiffeIdPattern, parse_trust_domain
 
@@ -200,6 +201,24 @@ class EmbeddedEngineConfig(_Strict):
     # `process`: a child process that stops with the gateway (its own core: about twice the
     # throughput); `thread`: inside the gateway process.
     sidecar: Literal["process", "thread"] = "process"
+    # Further Dapr apps the sidecar serves, app id -> that app's own gRPC address (loopback
+    # HOST:PORT or unix:///path). Workers in other processes or Python environments connect
+    # there; workflows reach them with call_activity/call_child_workflow(..., app_id=...).
+    apps: dict[str, str] = {}
+
+    @field_validator("apps")
+    @classmethod
+    def _apps(cls, value: dict[str, str]) -> dict[str, str]:
+        for app, address in value.items():
+            if not app or app == "duragate" or any(c.isspace() or c == "=" for c in app):
+                raise ValueError(f"{app!r} cannot be the id of another app")
+            _check_address(address, unix_ok=True)
+            if not is_local_address(address):
+                raise ValueError(
+                    f"app {app!r}: {address} is not a loopback address; the embedded sidecar "
+                    "serves only loopback (or run `duragate sidecar` with an API token)"
+                )
+        return value
 
 
 class DaprEngineConfig(_Strict):

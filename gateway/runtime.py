@@ -57,9 +57,10 @@ class SidecarProcess:
     Its stdin is a pipe from this process: when this process exits for any reason the pipe
     closes and the sidecar shuts down cleanly (`--exit-with-parent`)."""
 
-    def __init__(self, db_path: Path, synchronous: str) -> None:
+    def __init__(self, db_path: Path, synchronous: str, apps: dict[str, str] | None = None) -> None:
         self.db_path = db_path
         self.synchronous = synchronous
+        self.apps = apps or {}
         self._proc: asyncio.subprocess.Process | None = None
         self.address = ""
         self.http_address: str | None = None
@@ -81,6 +82,8 @@ class SidecarProcess:
         # The HTTP listener serves only the health probe that `DaprClient` (checkpoints) waits on.
         cmd += ["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]
         cmd += ["--synchronous", self.synchronous, "--exit-with-parent", "--log-level", level]
+        for app, listen in self.apps.items():
+            cmd += ["--app", f"{listen}={app}"]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         proc = await asyncio.create_subprocess_exec(
@@ -215,13 +218,14 @@ class DurableRuntime:
                 grpc_listen="127.0.0.1:0",
                 http_listen="127.0.0.1:0",
                 synchronous=self.engine.synchronous,
+                apps=self.engine.apps,
             )
             thread = SidecarThread(settings)
             await asyncio.to_thread(thread.start)
             self._sidecar = thread
             self.http_address = thread.http_address
             return thread.grpc_address
-        process = SidecarProcess(self.db_path, self.engine.synchronous)
+        process = SidecarProcess(self.db_path, self.engine.synchronous, self.engine.apps)
         self._sidecar = process
         address = await process.start()
         self.http_address = process.http_address

@@ -116,6 +116,21 @@ def _resolution_key(ev: pb.HistoryEvent) -> tuple[str, int] | None:
     return None
 
 
+def target_app(router: pb.TaskRouter | None, default: str) -> str:
+    """The app an action or a start is routed to: the router's target, else `default`."""
+    if router is not None and router.targetAppID:
+        return router.targetAppID
+    return default
+
+
+def owner_app(started: pb.HistoryEvent, default: str) -> str:
+    """The app that runs an instance, as its ExecutionStarted event records it (the SDK reads
+    the same router to learn its own app id: target first, else source)."""
+    if not started.HasField("router"):
+        return default
+    return started.router.targetAppID or started.router.sourceAppID or default
+
+
 def status_name(status: int) -> str:
     """RUNNING, COMPLETED, ... (or the number, for a value the protocol does not define)."""
     try:
@@ -137,6 +152,7 @@ class ActivityItem:
     instance_id: str
     execution_id: str
     request: pb.ActivityRequest
+    app_id: str  # the app whose workers run it
 
 
 @dataclass(eq=False)
@@ -157,6 +173,7 @@ class Dispatch:
 class WorkerStream:
     id: int
     stateful_history: bool
+    app_id: str
     dispatched: dict[str, Dispatch] = field(default_factory=dict)
     # instance id -> (execution id, number of history events the worker has cached)
     history_cache: dict[str, tuple[str, int]] = field(default_factory=dict)
@@ -165,6 +182,7 @@ class WorkerStream:
 @dataclass(eq=False)
 class Instance:
     state: pb.WorkflowState
+    app_id: str  # the app whose workers run its turns
     history: list[pb.HistoryEvent] = field(default_factory=list)
     inbox: list[tuple[int, pb.HistoryEvent]] = field(default_factory=list)
     timers: dict[int, pb.HistoryEvent] = field(default_factory=dict)
@@ -240,12 +258,14 @@ class Engine:
         self.settings = settings
         self.store = WorkflowStore(settings.db_path, settings.synchronous)
         self._instances: dict[str, Instance] = {}
-        self._ready: deque[str] = deque()
+        # Work is queued per app: a worker stream only ever takes its own app's work.
+        self.apps: tuple[str, ...] = tuple(settings.app_listeners())
+        self._ready: dict[str, deque[str]] = {app: deque() for app in self.apps}
         self._ready_set: set[str] = set()
-        self._activities: deque[ActivityItem] = deque()
+        self._activities: dict[str, deque[ActivityItem]] = {app: deque() for app in self.apps}
         self._dispatches: dict[str, Dispatch] = {}
         self._streams: dict[int, WorkerStream] = {}
-        self._work_waiters: list[asyncio.Future[None]] = []
+        self._work_waiters: dict[str, list[asyncio.Future[None]]] = {app: [] for app in self.apps}
         self._waiters: dict[str, list[_Waiter]] = {}
         self._timer_heap: list[tuple[float, int, str]] = []
         self._timer_wakeup = asyncio.Event()
@@ -275,7 +295,8 @@ class Engine:
             inst = self._instances.get(iid)
             req = pb.ActivityRequest.FromString(blob)
             if inst is not None and req.workflowInstance.executionId.value == inst.execution_id:
-                self._activities.append(ActivityItem(row_id, iid, inst.execution_id, req))
+                app = self._scheduled_app(inst, req.taskId)
+                self._activities[app].append(ActivityItem(row_id, iid, inst.execution_id, req, app))
         self._tasks = [
             asyncio.create_task(self._timer_loop(), name="wf-timers"),
             asyncio.create_task(self._lock_expiry_loop(), name="wf-lock-expiry"),
@@ -285,8 +306,18 @@ class Engine:
             log.info(
                 "resumed %d live workflow instance(s), %d queued activities",
                 len(loaded),
-                len(self._activities),
+                sum(len(q) for q in self._activities.values()),
             )
+
+    def _scheduled_app(self, inst: Instance, task_id: int) -> str:
+        """The app a queued activity was routed to, from its TaskScheduled event."""
+        for ev in reversed(inst.history):
+            if ev.eventId == task_id and ev.HasField("taskScheduled"):
+                app = target_app(ev.router if ev.HasField("router") else None, inst.app_id)
+                # An app no longer configured: its work waits on the owner's queue, where a
+                # worker of the owner app fails it as an unknown activity rather than hang.
+                return app if app in self._ready else inst.app_id
+        return inst.app_id
 
     def _restore(
         self,
@@ -296,18 +327,33 @@ class Engine:
         now: float,
     ) -> None:
         state = pb.WorkflowState.FromString(state_blob)
-        inst = Instance(state=state, history=[pb.HistoryEvent.FromString(b) for b in history])
+        events = [pb.HistoryEvent.FromString(b) for b in history]
+        queued = [(row, at, pb.HistoryEvent.FromString(b)) for row, at, b in inbox]
+        started = next(
+            (ev for ev in [*events, *(q[2] for q in queued)] if ev.HasField("executionStarted")),
+            None,
+        )
+        app = self.settings.app_id if started is None else owner_app(started, self.settings.app_id)
+        if app not in self._ready:
+            log.warning(
+                "workflow instance '%s' belongs to app '%s', which this sidecar no longer "
+                "serves; its work goes to app '%s'",
+                state.instanceId,
+                app,
+                self.settings.app_id,
+            )
+            app = self.settings.app_id
+        inst = Instance(state=state, app_id=app, history=events)
         inst.suspended = state.workflowStatus == SUSPENDED
         inst.stalled = state.workflowStatus == STALLED
         for ev in inst.history:
             self._note_history_event(inst, ev)
         # The new execution's start must come first even if older rows of a
         # continued-as-new execution were written before it.
-        events = sorted(
-            ((row, at, pb.HistoryEvent.FromString(b)) for row, at, b in inbox),
-            key=lambda r: (0 if r[2].HasField("executionStarted") else 1, r[0]),
+        ordered = sorted(
+            queued, key=lambda r: (0 if r[2].HasField("executionStarted") else 1, r[0])
         )
-        for row_id, visible_at, ev in events:
+        for row_id, visible_at, ev in ordered:
             key = _resolution_key(ev)
             if key is not None:
                 inst.resolved.add(key)
@@ -366,19 +412,25 @@ class Engine:
             raise UnavailableError(str(exc)) from exc
 
     # --- work-item streams ----------------------------------------------------------------
-    def open_stream(self, capabilities: Iterable[int]) -> WorkerStream:
+    def open_stream(self, capabilities: Iterable[int], app_id: str | None = None) -> WorkerStream:
+        """A work-item stream for a worker of `app_id` (the sidecar's own app by default)."""
         self._check_open()
+        app = app_id or self.settings.app_id
+        if app not in self._ready:
+            raise NotFoundError(f"app '{app}' is not served by this sidecar")
         stateful = self.settings.stateful_history and pb.WORKER_CAPABILITY_STATEFUL_HISTORY in set(
             capabilities
         )
-        stream = WorkerStream(id=next(self._ids), stateful_history=stateful)
+        stream = WorkerStream(id=next(self._ids), stateful_history=stateful, app_id=app)
         self._streams[stream.id] = stream
         # A new worker may have the workflow version a stalled instance was waiting for.
         for inst in self._instances.values():
-            if inst.stalled:
+            if inst.stalled and inst.app_id == app:
                 inst.stalled = False
                 self._mark_ready(inst, force=True)
-        log.debug("worker stream %d opened (stateful history: %s)", stream.id, stateful)
+        log.debug(
+            "worker stream %d of app '%s' opened (stateful history: %s)", stream.id, app, stateful
+        )
         return stream
 
     def close_stream(self, stream: WorkerStream) -> None:
@@ -398,8 +450,9 @@ class Engine:
                 if inst is not None and inst.dispatch is d:
                     inst.dispatch = None
                     self._mark_ready(inst)
-        # Back at the head of the queue, in the order they were first handed out.
-        self._activities.extendleft(reversed(activities))
+        # Back at the head of their app's queue, in the order they were first handed out.
+        for item in reversed(activities):
+            self._activities[item.app_id].appendleft(item)
         if requeued:
             log.info("worker stream %d closed; %d work item(s) requeued", stream.id, requeued)
             self._wake_streams()
@@ -412,22 +465,25 @@ class Engine:
                 yield item
                 continue
             fut: asyncio.Future[None] = loop.create_future()
-            self._work_waiters.append(fut)
+            waiters = self._work_waiters[stream.app_id]
+            waiters.append(fut)
             try:
                 await fut
             finally:
                 if not fut.done():
                     fut.cancel()
                     try:
-                        self._work_waiters.remove(fut)
+                        self._work_waiters[stream.app_id].remove(fut)
                     except ValueError:
                         pass
 
-    def _wake_streams(self) -> None:
-        waiters, self._work_waiters = self._work_waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+    def _wake_streams(self, app_id: str | None = None) -> None:
+        """Wake the idle streams of one app (of every app when None)."""
+        for app in self.apps if app_id is None else (app_id,):
+            waiters, self._work_waiters[app] = self._work_waiters[app], []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
 
     def _mark_ready(self, inst: Instance, *, force: bool = False) -> None:
         if inst.dispatch is not None or inst.suspended or inst.stalled:
@@ -436,9 +492,9 @@ class Engine:
             return
         if inst.id not in self._ready_set:
             self._ready_set.add(inst.id)
-            self._ready.append(inst.id)
-            if self._work_waiters:
-                self._wake_streams()
+            self._ready[inst.app_id].append(inst.id)
+            if self._work_waiters[inst.app_id]:
+                self._wake_streams(inst.app_id)
 
     def _next_work_item(self, stream: WorkerStream) -> pb.WorkItem | None:
         # Alternate between turns and activities so neither starves the other.
@@ -455,8 +511,9 @@ class Engine:
         return None
 
     def _next_turn(self, stream: WorkerStream) -> pb.WorkItem | None:
-        while self._ready:
-            iid = self._ready.popleft()
+        ready = self._ready[stream.app_id]
+        while ready:
+            iid = ready.popleft()
             self._ready_set.discard(iid)
             inst = self._instances.get(iid)
             if inst is None or inst.dispatch is not None or inst.suspended or inst.stalled:
@@ -465,8 +522,9 @@ class Engine:
         return None
 
     def _next_activity(self, stream: WorkerStream) -> pb.WorkItem | None:
-        while self._activities:
-            item = self._activities.popleft()
+        queue = self._activities[stream.app_id]
+        while queue:
+            item = queue.popleft()
             inst = self._instances.get(item.instance_id)
             if inst is None or inst.execution_id != item.execution_id:
                 continue
@@ -644,8 +702,13 @@ class Engine:
         scheduled_start: timestamp_pb2.Timestamp | None = None,
         tags: dict[str, str] | None = None,
         trace: pb.TraceContext | None = None,
+        app_id: str | None = None,
+        source_app: str | None = None,
     ) -> Instance:
-        """Create (or reset) an instance and queue its ExecutionStarted event."""
+        """Create (or reset) an instance of `app_id` (the sidecar's own app by default) and
+        queue its ExecutionStarted event. `source_app` is the app that asked for it, when it
+        is another one (a cross-app child workflow)."""
+        app = app_id or self.settings.app_id
         ops.extend(_ops_delete_instance_rows(instance_id, keep_instance=True))
         self._finished.pop(instance_id, None)
         execution_id = uuid.uuid4().hex
@@ -664,6 +727,14 @@ class Engine:
         )
         if parent is not None:
             state.parentInstanceId.value = parent.workflowInstance.instanceId
+            if parent.appID:
+                state.parentAppId.value = parent.appID
+        # The router tells the worker which app it runs as (the SDK copies it into the
+        # routers of the actions it sends), as daprd's ExecutionStarted does.
+        if source_app is not None and source_app != app:
+            router = pb.TaskRouter(sourceAppID=source_app, targetAppID=app)
+        else:
+            router = pb.TaskRouter(sourceAppID=app)
         started = pb.ExecutionStartedEvent(
             name=name,
             version=version,
@@ -677,11 +748,11 @@ class Engine:
             parentTraceContext=trace,
             tags=tags or {},
         )
-        inst = Instance(state=state, parent=parent)
+        inst = Instance(state=state, app_id=app, parent=parent)
         self._instances[instance_id] = inst
         self._save_instance(inst, ops)
         visible_at = ts_seconds(scheduled_start) if scheduled_start is not None else None
-        self._add_inbox(inst, _event(executionStarted=started), ops, visible_at)
+        self._add_inbox(inst, _event(executionStarted=started, router=router), ops, visible_at)
         self._notify(inst.id, inst.state)
         return inst
 
@@ -917,10 +988,19 @@ class Engine:
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in instance_id):
             raise InvalidArgumentError("instance ID must not contain control characters")
 
-    async def start_instance(self, req: pb.CreateInstanceRequest) -> str:
+    async def start_instance(self, req: pb.CreateInstanceRequest, app_id: str | None = None) -> str:
+        """Start a workflow on the app the request's router targets, else on `app_id` (the
+        app of the address the client called; the sidecar's own app by default)."""
         self._check_open()
         if not req.name:
             raise InvalidArgumentError("a workflow name is required")
+        app = target_app(
+            req.router if req.HasField("router") else None, app_id or self.settings.app_id
+        )
+        if app not in self._ready:
+            raise NotFoundError(
+                f"app '{app}' is not served by this sidecar (it serves: {', '.join(self.apps)})"
+            )
         instance_id = req.instanceId or uuid.uuid4().hex
         self._check_instance_id(instance_id)
         self._check_payload("workflow input", req.input if req.HasField("input") else None)
@@ -952,6 +1032,7 @@ class Engine:
             scheduled_start=scheduled,
             tags=dict(req.tags),
             trace=req.parentTraceContext if req.HasField("parentTraceContext") else None,
+            app_id=app,
         )
         await self._commit(ops)
         if scheduled is None and self.settings.start_wait_seconds > 0:
@@ -1138,13 +1219,17 @@ class Engine:
     def stats(self) -> dict[str, int]:
         return {
             "live_instances": len(self._instances),
-            "ready_instances": len(self._ready),
-            "queued_activities": len(self._activities),
+            "ready_instances": sum(len(q) for q in self._ready.values()),
+            "queued_activities": sum(len(q) for q in self._activities.values()),
             "in_flight": len(self._dispatches),
             "streams": len(self._streams),
             "timers": len(self._timer_heap),
             "commits": self.store.commits,
         }
+
+    def queued_activities(self, app_id: str) -> list[str]:
+        """Names of the activities waiting for a worker of `app_id` (tests, diagnostics)."""
+        return [item.request.name for item in self._activities.get(app_id, ())]
 
 
 class _Turn:
@@ -1201,6 +1286,8 @@ class _Turn:
     def _on_scheduleTask(self, action: pb.WorkflowAction) -> None:
         a = action.scheduleTask
         inst = self.inst
+        router = action.router if action.HasField("router") else None
+        app = target_app(router, inst.app_id)
         self.events.append(
             _event(
                 eventId=action.id,
@@ -1210,8 +1297,28 @@ class _Turn:
                     input=a.input if a.HasField("input") else None,
                     taskExecutionId=a.taskExecutionId,
                 ),
+                router=router,
             )
         )
+        if app not in self.e._ready:
+            # Not a configured app: fail the task at once with daprd's dispatch error, so the
+            # workflow's retry policy applies and then the workflow sees the error. (daprd
+            # cannot tell an unknown app from one that is down and retries the dispatch; the
+            # apps here are configured, so waiting could only wait forever.)
+            ev = _event(
+                taskFailed=pb.TaskFailedEvent(
+                    taskScheduledId=action.id,
+                    failureDetails=_failure(
+                        "AppNotFound",
+                        f"failed to dispatch activity '{a.name}' to remote app '{app}' (the app"
+                        f" may not be available): this sidecar serves only"
+                        f" {', '.join(self.e.apps)}",
+                    ),
+                    taskExecutionId=a.taskExecutionId,
+                )
+            )
+            self.e._add_inbox(inst, ev, self.ops)
+            return
         request = pb.ActivityRequest(
             name=a.name,
             version=a.version if a.HasField("version") else None,
@@ -1225,9 +1332,11 @@ class _Turn:
         )
         row_id = next(self.e._activity_ids)
         self.ops.append((SQL_INSERT_ACTIVITY, (row_id, inst.id, request.SerializeToString())))
-        self.e._activities.append(ActivityItem(row_id, inst.id, inst.execution_id, request))
-        if self.e._work_waiters:
-            self.e._wake_streams()
+        self.e._activities[app].append(
+            ActivityItem(row_id, inst.id, inst.execution_id, request, app)
+        )
+        if self.e._work_waiters[app]:
+            self.e._wake_streams(app)
 
     def _on_createTimer(self, action: pb.WorkflowAction) -> None:
         a = action.createTimer
@@ -1249,23 +1358,33 @@ class _Turn:
         inst = self.inst
         version = a.version if a.HasField("version") else None
         child_input = a.input if a.HasField("input") else None
+        router = action.router if action.HasField("router") else None
+        app = target_app(router, inst.app_id)
         self.events.append(
             _event(
                 eventId=action.id,
                 childWorkflowInstanceCreated=pb.ChildWorkflowInstanceCreatedEvent(
                     instanceId=a.instanceId, name=a.name, version=version, input=child_input
                 ),
+                router=router,
             )
         )
+        failure: pb.TaskFailureDetails | None = None
         if a.instanceId in self.e._instances or not a.instanceId:
             reason = "no instance ID" if not a.instanceId else "that ID is already running"
+            failure = _failure(
+                "WorkflowAlreadyExists", f"cannot start child workflow '{a.instanceId}': {reason}"
+            )
+        elif app not in self.e._ready:
+            failure = _failure(
+                "AppNotFound",
+                f"failed to start child workflow '{a.name}' on remote app '{app}' (the app may"
+                f" not be available): this sidecar serves only {', '.join(self.e.apps)}",
+            )
+        if failure is not None:
             ev = _event(
                 childWorkflowInstanceFailed=pb.ChildWorkflowInstanceFailedEvent(
-                    taskScheduledId=action.id,
-                    failureDetails=_failure(
-                        "WorkflowAlreadyExists",
-                        f"cannot start child workflow '{a.instanceId}': {reason}",
-                    ),
+                    taskScheduledId=action.id, failureDetails=failure
                 )
             )
             self.e._add_inbox(inst, ev, self.ops)
@@ -1277,9 +1396,17 @@ class _Turn:
                 instanceId=inst.id,
                 executionId=wrappers_pb2.StringValue(value=inst.execution_id),
             ),
+            appID=inst.app_id,
         )
         self.e._create_instance(
-            a.instanceId, a.name, version=version, input=child_input, ops=self.ops, parent=parent
+            a.instanceId,
+            a.name,
+            version=version,
+            input=child_input,
+            ops=self.ops,
+            parent=parent,
+            app_id=app,
+            source_app=inst.app_id,
         )
 
     def _on_completeWorkflow(self, action: pb.WorkflowAction) -> None:
@@ -1351,7 +1478,8 @@ class _Turn:
             st.ClearField("input")
         st.ClearField("output")
         st.ClearField("failureDetails")
-        self.e._add_inbox(inst, _event(executionStarted=started), self.ops)
+        router = old.router if old is not None and old.HasField("router") else None
+        self.e._add_inbox(inst, _event(executionStarted=started, router=router), self.ops)
         for ev in a.carryoverEvents:
             self.e._add_inbox(inst, ev, self.ops)
         for row_id, ev in remaining:
@@ -1411,6 +1539,12 @@ class _Turn:
         )
         if instance_id in self.e._instances:
             return
+        app = target_app(action.router if action.HasField("router") else None, self.inst.app_id)
+        if app not in self.e._ready:
+            log.warning(
+                "not starting detached workflow '%s': app '%s' is not served", instance_id, app
+            )
+            return
         scheduled = a.scheduledStartTimestamp if a.HasField("scheduledStartTimestamp") else None
         if scheduled is not None and ts_seconds(scheduled) <= time.time():
             scheduled = None
@@ -1422,4 +1556,6 @@ class _Turn:
             ops=self.ops,
             scheduled_start=scheduled,
             tags=dict(a.tags),
+            app_id=app,
+            source_app=self.inst.app_id,
         )

@@ -185,9 +185,10 @@ class Sidecar:
         self._lock = _DbLock(Path(settings.db_path))
         self._engine: Engine | None = None
         self._store: StateStore | None = None
-        self._server: grpc.aio.Server | None = None
+        self._servers: list[grpc.aio.Server] = []
         self._health: HealthServer | None = None
         self._grpc_address: str | None = None
+        self._app_addresses: dict[str, str] = {}
         self._ready = False
 
     @property
@@ -200,6 +201,13 @@ class Sidecar:
         if self._grpc_address is None:
             raise RuntimeError("the sidecar is not started")
         return self._grpc_address
+
+    @property
+    def app_addresses(self) -> dict[str, str]:
+        """The bound gRPC address of every app served, the sidecar's own app first."""
+        if not self._app_addresses:
+            raise RuntimeError("the sidecar is not started")
+        return dict(self._app_addresses)
 
     @property
     def http_address(self) -> str | None:
@@ -220,7 +228,7 @@ class Sidecar:
                 " API token: set api_token (DAPR_API_TOKEN), or listen on loopback or a unix"
                 " socket"
             )
-        if self._server is not None:
+        if self._servers:
             raise RuntimeError("the sidecar is already started")
         db_path = Path(settings.db_path)
         db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +241,7 @@ class Sidecar:
         self._ready = True
         logger.info(
             "sidecar serving: gRPC on %s, HTTP health on %s, database %s, API token %s",
-            self._grpc_address,
+            ", ".join(f"{addr} (app {app})" for app, addr in self._app_addresses.items()),
             self.http_address or "(off)",
             db_path,
             "required" if token else "not required",
@@ -246,19 +254,28 @@ class Sidecar:
         self._store = StateStore(Path(settings.db_path), synchronous=settings.synchronous)
         await self._store.open()
 
-        interceptors = [ApiTokenInterceptor(token)] if token else []
-        server = grpc.aio.server(interceptors=interceptors, options=grpc_server_options(settings))
-        add_servicer(
-            server,
-            workflow_grpc.add_TaskHubSidecarServiceServicer_to_server,
-            WorkflowServicer(self._engine),
-        )
-        add_servicer(
-            server, runtime_grpc.add_DaprServicer_to_server, StateServicer(self._store, settings)
-        )
-        self._server = server
-        self._grpc_address = await self._bind(server, settings.grpc_listen)
-        await server.start()
+        # One gRPC server per app: the address a worker connects to is the app it serves,
+        # as each daprd serves one app. The state API keeps each app's keys apart.
+        for app, listen in settings.app_listeners().items():
+            interceptors = [ApiTokenInterceptor(token)] if token else []
+            server = grpc.aio.server(
+                interceptors=interceptors, options=grpc_server_options(settings)
+            )
+            add_servicer(
+                server,
+                workflow_grpc.add_TaskHubSidecarServiceServicer_to_server,
+                WorkflowServicer(self._engine, app),
+            )
+            app_settings = settings.model_copy(update={"app_id": app})
+            add_servicer(
+                server,
+                runtime_grpc.add_DaprServicer_to_server,
+                StateServicer(self._store, app_settings),
+            )
+            self._servers.append(server)
+            self._app_addresses[app] = await self._bind(server, listen)
+            await server.start()
+        self._grpc_address = self._app_addresses[settings.app_id]
 
         if settings.http_listen:
             health = HealthServer(settings.http_listen, lambda: self._ready)
@@ -294,12 +311,17 @@ class Sidecar:
 
     async def _shutdown(self, grace: float) -> None:
         self._ready = False  # the health endpoints answer 500 from now on
-        server, health, engine, store = self._server, self._health, self._engine, self._store
-        self._server = self._health = self._engine = self._store = None
+        servers, health, engine, store = self._servers, self._health, self._engine, self._store
+        self._servers = []
+        self._health = self._engine = self._store = None
         if engine is not None:
             engine.close_streams()  # workers' streams end now instead of after the grace period
+
+        async def stop_servers() -> None:
+            await asyncio.gather(*(s.stop(grace) for s in servers))
+
         steps: list[tuple[str, Callable[[], Awaitable[None]] | None]] = [
-            ("gRPC server", (lambda: server.stop(grace)) if server is not None else None),
+            ("gRPC servers", stop_servers if servers else None),
             ("workflow engine", engine.stop if engine is not None else None),
             ("state store", store.close if store is not None else None),
             ("HTTP health server", health.stop if health is not None else None),
@@ -435,6 +457,14 @@ class SidecarThread:
 READY_MARKER = "DURAGATE_SIDECAR_READY"
 
 
+def _app_pair(value: str) -> tuple[str, str]:
+    """`LISTEN=APP_ID` -> (app id, listen address)."""
+    listen, sep, app = value.rpartition("=")
+    if not sep or not listen or not app:
+        raise argparse.ArgumentTypeError(f"{value!r} is not LISTEN=APP_ID")
+    return app, listen
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m gateway.sidecar.server",
@@ -448,7 +478,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--http-listen", default="127.0.0.1:3500", help="health HOST:PORT, or 'none'"
     )
-    parser.add_argument("--app-id", default="duragate")
+    parser.add_argument("--app-id", default="duragate", help="the app id of --listen")
+    parser.add_argument(
+        "--app",
+        action="append",
+        default=[],
+        metavar="LISTEN=APP_ID",
+        type=_app_pair,
+        help="also serve the Dapr app APP_ID on its own gRPC address LISTEN (HOST:PORT or"
+        " unix:///path); workers of that app connect there. Repeatable.",
+    )
     parser.add_argument("--state-store", default="statestore")
     parser.add_argument("--max-payload-bytes", type=int, default=4 * MiB)
     parser.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="FULL")
@@ -486,6 +525,7 @@ async def _serve_main(settings: SidecarSettings, exit_with_parent: bool = False)
     ready = {
         "grpc_address": sidecar.grpc_address,
         "http_address": sidecar.http_address,
+        "apps": sidecar.app_addresses,
         "pid": os.getpid(),
     }
     print(f"{READY_MARKER} {json.dumps(ready)}", flush=True)
@@ -517,6 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         http_listen=None if args.http_listen.lower() == "none" else args.http_listen,
         api_token=SecretStr(token) if token else None,
         app_id=args.app_id,
+        apps=dict(args.app),
         state_store_name=args.state_store,
         max_payload_bytes=args.max_payload_bytes,
         synchronous=args.synchronous,

@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
 MiB = 1024 * 1024
 
@@ -35,6 +35,10 @@ class SidecarSettings(BaseModel):
     http_listen: str | None = "127.0.0.1:3500"
     api_token: SecretStr | None = None
     app_id: str = "duragate"
+    # Further Dapr apps served over the same store, app id -> gRPC listen address. A worker
+    # belongs to the app whose address it connects to (the Dapr SDK's worker does not say
+    # which app it is): one address per app, as with one daprd per app.
+    apps: dict[str, str] = Field(default_factory=dict)
     state_store_name: str = "statestore"
     max_payload_bytes: int = Field(default=4 * MiB, ge=1024)
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
@@ -59,7 +63,28 @@ class SidecarSettings(BaseModel):
             raise ValueError(f"{value!r} is not HOST:PORT (or unix:///path for gRPC)")
         return value
 
+    @field_validator("apps")
+    @classmethod
+    def _check_apps(cls, apps: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        own_app, own_listen = info.data.get("app_id"), info.data.get("grpc_listen")
+        seen = {own_listen: own_app}
+        for app, listen in apps.items():
+            if not app or any(c.isspace() or c == "=" for c in app):
+                raise ValueError(f"app id {app!r} must be non-empty, without spaces or '='")
+            if app == own_app:
+                raise ValueError(f"app {app!r} is the sidecar's own app id (app_id)")
+            cls._check_address(listen)
+            if listen in seen and not listen.endswith(":0"):
+                raise ValueError(f"apps {seen[listen]!r} and {app!r} both listen on {listen}")
+            seen[listen] = app
+        return apps
+
+    def app_listeners(self) -> dict[str, str]:
+        """Every app id served, with its gRPC listen address; the sidecar's own app first."""
+        return {self.app_id: self.grpc_listen, **self.apps}
+
     def require_token(self) -> bool:
         """An API token is mandatory unless every listener is loopback or a unix socket."""
-        listeners = [self.grpc_listen] + ([self.http_listen] if self.http_listen else [])
+        listeners = [*self.app_listeners().values()]
+        listeners += [self.http_listen] if self.http_listen else []
         return not all(is_local_address(a) for a in listeners)

@@ -44,8 +44,12 @@ def _state_response(state: pb.WorkflowState | None, with_payloads: bool) -> pb.G
 
 
 class WorkflowServicer(workflow_grpc.TaskHubSidecarServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+    """The workflow API as one app sees it: a worker that connects here runs `app_id`'s
+    workflows and activities, and a start without a router target starts on `app_id`."""
+
+    def __init__(self, engine: Engine, app_id: str | None = None) -> None:
         self.engine = engine
+        self.app_id = app_id or engine.settings.app_id
 
     async def Hello(
         self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext
@@ -57,7 +61,7 @@ class WorkflowServicer(workflow_grpc.TaskHubSidecarServiceServicer):
         self, request: pb.GetWorkItemsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WorkItem]:
         try:
-            stream = self.engine.open_stream(request.capabilities)
+            stream = self.engine.open_stream(request.capabilities, self.app_id)
         except EngineError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
             return
@@ -85,7 +89,7 @@ class WorkflowServicer(workflow_grpc.TaskHubSidecarServiceServicer):
     async def StartInstance(
         self, request: pb.CreateInstanceRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateInstanceResponse:
-        instance_id = await _call(context, lambda: self.engine.start_instance(request))
+        instance_id = await _call(context, lambda: self.engine.start_instance(request, self.app_id))
         return pb.CreateInstanceResponse(instanceId=instance_id)
 
     async def GetInstance(

@@ -9,7 +9,8 @@
 - `dapr_env`: `point(grpc_address, http_address, token=None)` sets the SDK's environment.
 - `sidecar_process`: `spawn(db_path, listen=..., http_listen=..., env=None) -> SidecarProcess`,
   a sidecar in its own process (`python -m gateway.sidecar.server`), for crash tests
-  (`.kill()` sends SIGKILL). All are killed at teardown.
+  (`.kill()` sends SIGKILL; `.apps` maps each app id served to its address). All are killed
+  at teardown.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ class SidecarProcess:
     http_address: str | None
     log_path: Path
     db_path: Path = field(repr=False, default=Path())
+    apps: dict[str, str] = field(default_factory=dict)  # app id -> bound gRPC address
 
     @property
     def pid(self) -> int:
@@ -232,6 +234,7 @@ def start_sidecar_process(
         http_address=ready["http_address"],
         log_path=log_path,
         db_path=db_path,
+        apps=ready.get("apps", {}),
     )
 
 

@@ -1,0 +1,391 @@
+"""The `mcp` tool kind: a tool of a remote MCP server, served as a gateway tool.
+
+    - name: remote_add
+      kind: mcp
+      target: https://tools.example.com/mcp            # Streamable HTTP
+      # target: "stdio:python -m some.server --flag"   # or a local server over stdio
+      options:
+        tool: add                        # the remote tool's name (default: this tool's name)
+        bearer_token_env: TOOLS_TOKEN    # sends `Authorization: Bearer $TOOLS_TOKEN`
+        headers_from_env: {X-Api-Key: TOOLS_KEY}   # header -> environment variable
+        env_from_env: {API_KEY: TOOLS_KEY}         # stdio: the server's variable -> ours
+        connect_timeout_seconds: 10      # reaching the server, initialize, tools/list
+        call_timeout_seconds: 300        # one tools/call (default: the tool's timeout)
+        tls:                             # https: the gateway's own X.509-SVID, presented
+          cert: /etc/duragate/svid.pem   #   as client certificate (mTLS), and the trust
+          key: /etc/duragate/svid.key    #   bundle that verifies the server (default: the
+          ca: /etc/duragate/bundle.pem   #   system's CAs); read again for every call
+
+Schemas and description come from the remote server's `tools/list`, read once at start-up. A
+server that cannot be reached then stops the gateway from starting, with an error naming the
+URL, unless the config gives `input_schema` (and, if wanted, `output_schema`): then nothing is
+fetched at start-up and the server only has to be up when a call comes.
+
+A call opens one MCP session and calls the remote tool:
+- the remote's `isError` result becomes a `ToolError` with the remote's text (not retried);
+  so does a JSON-RPC refusal of the call itself (unknown tool, invalid parameters);
+- an unreachable server, a broken connection, a timeout, an HTTP error status: an ordinary
+  exception, so the call is retried per the tool's retry policy;
+- progress notifications of the remote reach the caller as this call's progress;
+- the result is the remote's `structuredContent`, else its text.
+
+Activities run at least once, so a retried call may repeat the remote's side effects. Every
+call carries `_meta["io.duragate/idempotency-key"]` = the activity's task execution id, which
+is the same for every retry of one call: a remote Duragate gateway answers a repeat with the
+stored result instead of running the tool again. Other servers ignore it.
+
+Header and environment values are read from the environment at start-up (a missing variable
+stops the start, naming the variable) and are never logged. Secret headers go only over https
+or to a loopback host. With `tls`, the gateway presents its own identity (its X.509-SVID) to
+the remote: the files are checked at start-up and read again for each call, so a rotated SVID
+is used without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import shlex
+import ssl
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+from mcp import ClientSession, McpError, StdioServerParameters, types
+from mcp.client.stdio import get_default_environment, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from adapters.base import ToolContext, ToolError, ToolLoadError, ToolSpec
+from gateway import __version__
+from gateway.config import ToolConfig
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_META = "io.duragate/idempotency-key"
+STDIO_PREFIX = "stdio:"
+# JSON-RPC errors that refuse the call itself: repeating it cannot help.
+_REFUSALS = frozenset({types.METHOD_NOT_FOUND, types.INVALID_PARAMS})
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+T = TypeVar("T")
+
+
+class TlsOptions(BaseModel):
+    """Client TLS for an https server: our certificate and key, and the CAs to trust."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+
+class McpOptions(BaseModel):
+    """`options` of an `mcp` tool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tool: str | None = Field(default=None, min_length=1)
+    bearer_token_env: str | None = Field(default=None, pattern=_ENV_NAME)
+    headers_from_env: dict[str, str] = Field(default_factory=dict)
+    env_from_env: dict[str, str] = Field(default_factory=dict)
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    call_timeout_seconds: float | None = Field(default=None, gt=0)
+    tls: TlsOptions | None = None
+
+
+def client_tls(options: TlsOptions) -> ssl.SSLContext:
+    """The TLS context of one connection: the CAs to trust and the certificate to present."""
+    try:
+        context = ssl.create_default_context(cafile=str(options.ca) if options.ca else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ToolLoadError(f"tls.ca {options.ca}: cannot load trust anchors: {exc}") from None
+    if options.cert is not None and options.key is not None:
+        try:
+            context.load_cert_chain(str(options.cert), str(options.key))
+        except (OSError, ssl.SSLError) as exc:
+            raise ToolLoadError(
+                f"tls.cert {options.cert} / tls.key {options.key}: cannot load the client "
+                f"certificate: {exc}"
+            ) from None
+    return context
+
+
+class RemoteCallError(Exception):
+    """The remote server could not be reached or did not answer: worth retrying."""
+
+
+class McpAdapter:
+    kind = "mcp"
+
+    def prepare(self, config: ToolConfig) -> McpTool:
+        return McpTool(config)
+
+
+ADAPTER = McpAdapter()
+
+
+def _env(name: str, what: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise ToolLoadError(f"{what} comes from the environment variable {name}, which is not set")
+    return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _run_blocking(make: Callable[[], Coroutine[Any, Any, T]], timeout: float) -> T:
+    """Run a coroutine to completion from synchronous code (tools are prepared at start-up,
+    outside any event loop, or in a worker thread of one)."""
+
+    async def bounded() -> T:
+        async with asyncio.timeout(timeout):
+            return await make()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(bounded())
+    # Called on a running loop's thread: use a private loop in a thread of its own.
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = asyncio.run(bounded())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="mcp-prepare", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The first error of interest inside the exception groups the client's task groups raise."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _cause(inner)
+            if not isinstance(found, BaseExceptionGroup):
+                return found
+    return exc
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code}"
+    if isinstance(exc, McpError):
+        return exc.error.message
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _texts(result: types.CallToolResult) -> str:
+    return "\n".join(c.text for c in result.content if isinstance(c, types.TextContent))
+
+
+def result_value(result: types.CallToolResult) -> Any:
+    """What a successful remote call returned: its structured content, else its text, else
+    (images, resources, ...) its content blocks as JSON."""
+    if result.structuredContent is not None:
+        return result.structuredContent
+    if any(isinstance(c, types.TextContent) for c in result.content):
+        return _texts(result)
+    return [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in result.content]
+
+
+class McpTool:
+    """One tool of a remote MCP server."""
+
+    def __init__(self, config: ToolConfig) -> None:
+        try:
+            self.options = McpOptions.model_validate(config.options)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise ToolLoadError(f"bad options for an mcp tool: {problems}") from None
+        self.remote_name = self.options.tool or config.name
+        self.call_timeout = self.options.call_timeout_seconds or config.timeout_seconds
+        self._stdio: StdioServerParameters | None = None
+        self._headers: dict[str, str] = {}
+        target = config.target.strip()
+        if target.startswith(STDIO_PREFIX):
+            self.where = target
+            self._stdio = self._stdio_params(target)
+        else:
+            self.where = target
+            self._headers = self._check_http(target)
+        self._spec = self._load_spec(config)
+
+    # --- start-up -----------------------------------------------------------------------
+    def _stdio_params(self, target: str) -> StdioServerParameters:
+        if self.options.headers_from_env or self.options.bearer_token_env or self.options.tls:
+            raise ToolLoadError("headers and tls apply to an MCP server over HTTP, not over stdio")
+        try:
+            argv = shlex.split(target[len(STDIO_PREFIX) :])
+        except ValueError as exc:
+            raise ToolLoadError(f"target {target!r}: {exc}") from None
+        if not argv:
+            raise ToolLoadError(f"target {target!r} names no command after 'stdio:'")
+        env = get_default_environment()
+        for name, source in self.options.env_from_env.items():
+            env[name] = _env(source, f"the server's variable {name}")
+        return StdioServerParameters(command=argv[0], args=argv[1:], env=env)
+
+    def _check_http(self, url: str) -> dict[str, str]:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ToolLoadError(
+                f"target {url!r} is not an MCP server URL (http:// or https://) nor "
+                f"'stdio:<command>'"
+            )
+        if self.options.env_from_env:
+            raise ToolLoadError("env_from_env applies to an MCP server over stdio, not HTTP")
+        headers: dict[str, str] = {}
+        for header, source in self.options.headers_from_env.items():
+            if not header or any(c in header for c in " :\r\n"):
+                raise ToolLoadError(f"{header!r} is not an HTTP header name")
+            headers[header] = _env(source, f"header {header}")
+        if self.options.bearer_token_env:
+            token = _env(self.options.bearer_token_env, "the bearer token")
+            headers["Authorization"] = f"Bearer {token}"
+        if headers and parts.scheme != "https" and not _is_loopback(parts.hostname):
+            raise ToolLoadError(
+                f"target {url!r}: credentials are sent only over https (or to a loopback host);"
+                " use an https:// URL"
+            )
+        tls = self.options.tls
+        if tls is not None:
+            if parts.scheme != "https":
+                raise ToolLoadError(f"target {url!r}: tls options need an https:// URL")
+            if (tls.cert is None) != (tls.key is None):
+                raise ToolLoadError("tls.cert and tls.key go together: give both, or neither")
+            client_tls(tls)  # refuse a start with unreadable files, not the first call
+        return headers
+
+    def _load_spec(self, config: ToolConfig) -> ToolSpec:
+        if config.input_schema is not None:
+            # Schemas from the config: the server is only needed when a call comes.
+            return ToolSpec.from_config(
+                config, description=None, input_schema=config.input_schema, output_schema=None
+            )
+        timeout = self.options.connect_timeout_seconds
+        try:
+            remote = _run_blocking(self._fetch_tool, timeout)
+        except ToolLoadError:
+            raise
+        except Exception as exc:
+            raise ToolLoadError(
+                f"cannot read the schema of tool {self.remote_name!r} from the MCP server "
+                f"{self.where}: {_describe(_cause(exc))}. Start the server first, or give "
+                "input_schema (and output_schema) in the config to contact it only when called"
+            ) from None
+        return ToolSpec.from_config(
+            config,
+            description=remote.description,
+            input_schema=remote.inputSchema,
+            output_schema=remote.outputSchema,
+        )
+
+    async def _fetch_tool(self) -> types.Tool:
+        names: list[str] = []
+        async with self._session() as session:
+            cursor: str | None = None
+            while True:
+                page = await session.list_tools(
+                    params=types.PaginatedRequestParams(cursor=cursor) if cursor else None
+                )
+                for tool in page.tools:
+                    if tool.name == self.remote_name:
+                        return tool
+                    names.append(tool.name)
+                cursor = page.nextCursor
+                if not cursor:
+                    break
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        raise ToolLoadError(
+            f"the MCP server {self.where} has no tool {self.remote_name!r} "
+            f"(it has: {shown or 'none'}); set options.tool to the remote name"
+        )
+
+    # --- calls --------------------------------------------------------------------------
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[ClientSession]:
+        info = types.Implementation(name="duragate", version=__version__)
+        request_timeout = timedelta(seconds=self.options.connect_timeout_seconds)
+        if self._stdio is not None:
+            async with stdio_client(self._stdio) as (read, write):
+                async with ClientSession(
+                    read, write, read_timeout_seconds=request_timeout, client_info=info
+                ) as session:
+                    await session.initialize()
+                    yield session
+            return
+        timeout = httpx.Timeout(self.call_timeout, connect=self.options.connect_timeout_seconds)
+        verify: ssl.SSLContext | bool = True
+        if self.options.tls is not None:
+            # Read for every session: a renewed SVID is picked up without a restart.
+            verify = client_tls(self.options.tls)
+        async with httpx.AsyncClient(headers=self._headers, timeout=timeout, verify=verify) as http:
+            async with streamable_http_client(self.where, http_client=http) as (read, write, _):
+                async with ClientSession(
+                    read, write, read_timeout_seconds=request_timeout, client_info=info
+                ) as session:
+                    await session.initialize()
+                    yield session
+
+    @property
+    def spec(self) -> ToolSpec:
+        return self._spec
+
+    async def invoke(self, arguments: dict[str, Any], context: ToolContext) -> Any:
+        meta = {IDEMPOTENCY_META: context.task_execution_id} if context.task_execution_id else None
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            context.progress(progress, total, message)
+
+        try:
+            async with self._session() as session:
+                result = await session.call_tool(
+                    self.remote_name,
+                    arguments,
+                    read_timeout_seconds=timedelta(seconds=self.call_timeout),
+                    progress_callback=on_progress,
+                    meta=meta,
+                )
+        except Exception as exc:
+            cause = _cause(exc)
+            if isinstance(cause, McpError) and cause.error.code in _REFUSALS:
+                raise ToolError(
+                    f"the MCP server {self.where} refused the call of {self.remote_name!r}: "
+                    f"{cause.error.message}"
+                ) from None
+            raise RemoteCallError(
+                f"calling {self.remote_name!r} on the MCP server {self.where} failed: "
+                f"{_describe(cause)}"
+            ) from None
+        if result.isError:
+            message = _texts(result) or f"the remote tool {self.remote_name!r} reported an error"
+            raise ToolError(message, data=result.structuredContent)
+        return result_value(result)
