@@ -189,7 +189,7 @@ async def test_minimal_keeps_refusals_only(setup: tuple[Dispatcher, AuditLog, Pa
 
 
 def test_redaction_paths() -> None:
-    value = {
+    value: dict[str, Any] = {
         "card": {"number": "4111", "holder": "A"},
         "items": [{"sku": 1, "pin": 9}, {"sku": 2, "pin": 8}],
         "list": [1, 2, 3],

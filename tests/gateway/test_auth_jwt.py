@@ -263,6 +263,7 @@ class _Host:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.runtime = self
+        self.push = None  # no A2A push notifications without an engine
 
     async def ready(self) -> bool:
         return False

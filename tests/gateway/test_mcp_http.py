@@ -297,6 +297,7 @@ class _Host:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.runtime = _NotReady()
+        self.push = None  # no A2A push notifications without an engine
 
     @property
     def dispatcher(self) -> Any:

@@ -116,9 +116,11 @@ class FakeWorkloadApi:
         sent = -1
         while True:
             async with self._changed:
-                await self._changed.wait_for(
-                    lambda sent=sent: self._generation != sent or self._broken != broken
-                )
+
+                def changed(sent: int = sent) -> bool:
+                    return self._generation != sent or self._broken != broken
+
+                await self._changed.wait_for(changed)
                 if self._broken != broken:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "agent restarting")
                 sent, response = self._generation, self._response

@@ -17,6 +17,7 @@ from starlette.datastructures import Headers
 import identity.authenticate as authenticate
 from gateway.config import ConfigError, IdentityConfig, parse_config
 from identity.authenticate import (
+    BearerResult,
     AuthenticationError,
     Authenticator,
     TokenCache,
@@ -318,7 +319,7 @@ def test_cache_off_verifies_every_time(
 
 def test_cache_is_a_bounded_lru() -> None:
     cache = TokenCache(ttl=60, max_entries=2)
-    p = [Principal(f"spiffe://a.org/{i}", "a.org", "jwt-svid") for i in range(3)]
+    p = [BearerResult(Principal(f"spiffe://a.org/{i}", "a.org", "jwt-svid")) for i in range(3)]
     cache.put(b"0", p[0], expires_at=1000, now=0)
     cache.put(b"1", p[1], expires_at=1000, now=0)
     assert cache.get(b"0", now=1) == p[0]  # 0 is now the most recent

@@ -5,7 +5,7 @@ per-caller scope, and a refusal (fail closed) when the store does not answer."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -38,7 +38,7 @@ def sidecar(tmp_path: Path) -> Iterator[SidecarThread]:
     thread.stop()
 
 
-async def outcomes(budgets: list[DaprBudgets], n: int, budget: dict[str, object]) -> list[bool]:
+async def outcomes(budgets: list[DaprBudgets], n: int, budget: Mapping[str, object]) -> list[bool]:
     async def one(i: int) -> bool:
         try:
             await budgets[i % len(budgets)].spend("acme", "add", ALICE, budget)
@@ -140,7 +140,7 @@ async def test_an_unreachable_store_refuses(tmp_path: Path) -> None:
         budgets.close()
 
 
-async def spend_until_refused(budgets: DaprBudgets, budget: dict[str, object]) -> int:
+async def spend_until_refused(budgets: DaprBudgets, budget: Mapping[str, object]) -> int:
     spent = 0
     while True:
         try:
