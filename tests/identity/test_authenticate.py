@@ -17,9 +17,9 @@ from starlette.datastructures import Headers
 import identity.authenticate as authenticate
 from gateway.config import ConfigError, IdentityConfig, parse_config
 from identity.authenticate import (
-    BearerResult,
     AuthenticationError,
     Authenticator,
+    BearerResult,
     TokenCache,
     bearer_token,
 )
