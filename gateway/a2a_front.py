@@ -66,6 +66,7 @@ from gateway.a2a_cards import A2AHost, AgentDef, agents_of, build_card
 from gateway.a2a_push import PushConfigError, PushService
 from gateway.dispatch import CallRequest, CallState, CallView, Dispatcher, DispatchError
 from gateway.mcp_front import PRINCIPAL_SCOPE_KEY
+from identity.authenticate import VIA_ANONYMOUS
 from identity.principal import Principal
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,10 @@ def _principal(context: ServerCallContext) -> Principal:
     if not isinstance(principal, Principal):  # the routes below always set it
         raise InternalError("the request was not authenticated")
     return principal
+
+
+def _anonymous(principal: Principal) -> bool:
+    return principal.via == VIA_ANONYMOUS
 
 
 def _a2a_error(exc: DispatchError) -> Exception:
@@ -270,8 +275,11 @@ class DurableRequestHandler(RequestHandler):
         arguments = render.arguments_from(message, tool, registered.spec.input_schema)
         context_id = message.context_id or uuid.uuid4().hex
         # Message ids are the client's: a resent message replays its task instead of running
-        # twice. Scoped to the sender, so another caller's message id never matches.
-        key = f"a2a:{principal.id}:{message.message_id}" if message.message_id else None
+        # twice. Scoped to the sender, so another caller's message id never matches; anonymous
+        # callers are one principal, so for them a message id would be shared: no replay.
+        key = None
+        if message.message_id and not _anonymous(principal):
+            key = f"a2a:{principal.id}:{message.message_id}"
         request = CallRequest(
             tool=tool,
             arguments=arguments,
@@ -427,6 +435,10 @@ class DurableRequestHandler(RequestHandler):
         size = params.page_size or DEFAULT_PAGE_SIZE
         if not 1 <= size <= MAX_PAGE_SIZE:
             raise InvalidParamsError(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+        if _anonymous(principal):
+            # Anonymous callers are all one principal: listing would show each one the others'
+            # tasks. They reach their own by id (unguessable), as GetTask does.
+            return ListTasksResponse(tasks=[], page_size=size)
         wanted_state = render.CALL_STATES.get(params.status) if params.status else None
         if params.status and wanted_state is None:
             # REJECTED and the like: no stored task is ever in those states.
