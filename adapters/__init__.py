@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from pathlib import Path
+from typing import Any
 
 from adapters.base import Adapter, ToolLoadError
 
@@ -23,6 +24,21 @@ def set_data_dir(path: Path) -> None:
     files of its own keeps them under it (crewai: `<data dir>/crewai`)."""
     global _data_dir
     _data_dir = path
+
+
+_own_identity: Any = None
+
+
+def set_own_identity(identity: Any) -> None:
+    """Tell adapters the gateway's own identity (`identity.own`, an `identity.own.OwnIdentity`,
+    started), for tools that present it on their outbound calls; None when there is none."""
+    global _own_identity
+    _own_identity = identity
+
+
+def own_identity() -> Any:
+    """The gateway's own identity, or None when the config names none."""
+    return _own_identity
 
 
 def data_dir() -> Path:

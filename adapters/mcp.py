@@ -54,7 +54,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -63,6 +63,7 @@ from mcp.client.stdio import get_default_environment, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+import adapters
 from adapters.base import ToolContext, ToolError, ToolLoadError, ToolSpec
 from gateway import __version__
 from gateway.config import ToolConfig
@@ -100,6 +101,10 @@ class McpOptions(BaseModel):
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
     call_timeout_seconds: float | None = Field(default=None, gt=0)
     tls: TlsOptions | None = None
+    # "own": present the gateway's own identity (`identity.own` in gateway.yaml): its current
+    # X.509-SVID for mTLS over https, and a JWT-SVID for `jwt_audience` as a bearer token.
+    identity: Literal["own"] | None = None
+    jwt_audience: str | None = Field(default=None, min_length=1)
 
 
 def client_tls(options: TlsOptions) -> ssl.SSLContext:
@@ -275,6 +280,23 @@ class McpTool:
                 f"target {url!r}: credentials are sent only over https (or to a loopback host);"
                 " use an https:// URL"
             )
+        if self.options.identity == "own":
+            if adapters.own_identity() is None:
+                raise ToolLoadError(
+                    "identity: own needs the gateway's own identity: set identity.own in the "
+                    "gateway config"
+                )
+            if self.options.tls is not None or self.options.bearer_token_env:
+                raise ToolLoadError(
+                    "identity: own presents the gateway's SVIDs: leave out tls and bearer_token_env"
+                )
+            if parts.scheme != "https" and not _is_loopback(parts.hostname):
+                raise ToolLoadError(
+                    f"target {url!r}: the gateway's identity is presented only over https "
+                    "(or to a loopback host)"
+                )
+        elif self.options.jwt_audience:
+            raise ToolLoadError("jwt_audience needs identity: own")
         tls = self.options.tls
         if tls is not None:
             if parts.scheme != "https":
@@ -344,10 +366,20 @@ class McpTool:
             return
         timeout = httpx.Timeout(self.call_timeout, connect=self.options.connect_timeout_seconds)
         verify: ssl.SSLContext | bool = True
+        headers = dict(self._headers)
         if self.options.tls is not None:
             # Read for every session: a renewed SVID is picked up without a restart.
             verify = client_tls(self.options.tls)
-        async with httpx.AsyncClient(headers=self._headers, timeout=timeout, verify=verify) as http:
+        elif self.options.identity == "own":
+            own = adapters.own_identity()
+            if own is None:
+                raise RemoteCallError("the gateway's own identity is not available")
+            if urlsplit(self.where).scheme == "https":
+                verify = own.client_ssl_context()  # the current SVID, rotations included
+            if self.options.jwt_audience:
+                token = await own.jwt_svid(self.options.jwt_audience)
+                headers["Authorization"] = f"Bearer {token}"
+        async with httpx.AsyncClient(headers=headers, timeout=timeout, verify=verify) as http:
             async with streamable_http_client(self.where, http_client=http) as (read, write, _):
                 async with ClientSession(
                     read, write, read_timeout_seconds=request_timeout, client_info=info

@@ -41,6 +41,7 @@ from gateway.registry import Registry
 from gateway.runtime import DurableRuntime
 from gateway.state_client import StateClient
 from gateway.stdio import local_principal, protocol_stdout, run_stdio
+from identity.own import OwnIdentity, OwnIdentityError, own_identity
 from identity.tls import PEER_KEY, TLS_EXTENSION, ServerTls, peer_from_transport
 from policies.budgets import DaprBudgets
 from policies.evaluator import PolicyEngine
@@ -98,6 +99,7 @@ class Gateway:
         self._policy: LoadedPolicies | None = None
         self._policy_refresh: asyncio.Task[None] | None = None
         self._push: PushService | None = None
+        self._own: OwnIdentity | None = None
         self._audit: AuditLog | None = None
         self._budgets: DaprBudgets | None = None
 
@@ -136,6 +138,28 @@ class Gateway:
         """Load every tool, then start the engine. Raises `ConfigError` for a tool that does
         not load (nothing started yet) and `GatewayStartError` if the engine does not start
         (whatever had started is stopped)."""
+        # The gateway's own identity first: tools that present it on their outbound calls
+        # check for it when they load.
+        try:
+            self._own = own_identity(self._config, self.data_dir)
+            if self._own is not None:
+                await self._own.start()
+        except OwnIdentityError as exc:
+            raise GatewayStartError(f"identity.own: {exc}") from None
+        adapters.set_own_identity(self._own)
+        try:
+            await self._start()
+        except BaseException:
+            await self._stop_own()
+            raise
+
+    async def _stop_own(self) -> None:
+        own, self._own = self._own, None
+        adapters.set_own_identity(None)
+        if own is not None:
+            await own.stop()
+
+    async def _start(self) -> None:
         adapters.set_data_dir(self.data_dir)  # before tools load: some keep files there
         registry = await asyncio.to_thread(Registry.from_config, self._config)
         check_agents(self._config)
@@ -214,6 +238,7 @@ class Gateway:
         audit, self._audit = self._audit, None
         if audit is not None:
             await asyncio.to_thread(audit.close)  # what is pending is written first
+        await self._stop_own()
 
     async def reload(self, config: GatewayConfig) -> None:
         """Swap in the tools (and limits, identity settings) of `config` and tell every live

@@ -528,6 +528,59 @@ async def test_the_gateway_presents_its_svid_to_a_remote_duragate(
     assert effects.read_text().splitlines() == ["signed"]
 
 
+async def test_the_gateway_presents_its_own_identity_from_its_config(
+    gateways: GatewayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`identity.own` in the calling gateway's config and `options.identity: own` on its tool:
+    no certificate files on the tool, the gateway's current SVID is presented."""
+    effects = tmp_path / "effects.txt"
+    monkeypatch.setenv("SIDE_EFFECTS_FILE", str(effects))
+    remote_dir = tmp_path / "mtls"
+    ca = DevCA.create(remote_dir / "ca", "example.org")
+    cert, key = ca.issue_x509_svid(
+        "spiffe://example.org/remote",
+        timedelta(hours=1),
+        server_names=["127.0.0.1"],
+        for_server=True,
+    )
+    write_x509_svid(remote_dir / "server.pem", remote_dir / "server.key", cert, key)
+    (remote_dir / "gateway.yaml").write_text(MTLS_REMOTE)
+    remote = gateways(remote_dir / "gateway.yaml", data_dir=remote_dir / "data")
+    front_config = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "identity": {
+            "allow_anonymous": True,
+            "own": {"source": "dev_ca", "ca_dir": str(remote_dir / "ca"), "spiffe_id": CALLER},
+        },
+        "tools": [
+            {
+                "name": "record",
+                "kind": "mcp",
+                "target": remote.url,
+                "options": {"identity": "own"},
+                "input_schema": {"type": "object", "properties": {"note": {"type": "string"}}},
+            }
+        ],
+    }
+    (tmp_path / "front.yaml").write_text(yaml.safe_dump(front_config))
+    front = gateways(tmp_path / "front.yaml", data_dir=tmp_path / "front-data")
+    async with mcp_session(front.url) as session:
+        result = await session.call_tool("record", {"note": "own"})
+    assert not result.isError, (result, front.log(), remote.log())
+    assert result.structuredContent == {"note": "own", "runs": 1}
+    assert f"principal={CALLER} tenant=team-a" in remote.log_path.read_text()
+
+
+def test_own_identity_options_are_checked() -> None:
+    schema = {"type": "object"}
+    url = "https://127.0.0.1:1/mcp"
+    # No `identity.own` in the gateway (nothing set it): refused at load, with the fix named.
+    with pytest.raises(ToolLoadError, match="set identity.own"):
+        ADAPTER.prepare(mcp_config("x", url, input_schema=schema, options={"identity": "own"}))
+    with pytest.raises(ToolLoadError, match="jwt_audience needs identity: own"):
+        ADAPTER.prepare(mcp_config("x", url, input_schema=schema, options={"jwt_audience": "a"}))
+
+
 def test_tls_options_are_checked(tmp_path: Path) -> None:
     schema = {"type": "object"}
     url = "https://127.0.0.1:1/mcp"
