@@ -16,9 +16,10 @@ import yaml
 from mcp import types
 
 from adapters import adapter_for
-from adapters.base import ToolLoadError
-from gateway.config import ToolConfig
+from adapters.base import ToolContext, ToolLoadError
+from gateway.config import EmbeddedEngineConfig, ToolConfig
 from gateway.mcp_front import ERROR_META
+from gateway.runtime import DurableRuntime
 from tests.adapters.conftest import BASE, supply_input
 from tests.gateway.conftest import GatewayFactory, GatewayProcess, mcp_session
 
@@ -125,9 +126,9 @@ async def test_results_errors_and_progress_through_two_gateways(
 
         # Arguments B refuses: B's reason, as A's tool error (not retried).
         refused = await session.call_tool("remote_add", {"a": "two"})
-        assert refused.isError and "invalid arguments" in (refused.meta or {})[ERROR_META][
-            "message"
-        ]
+        assert (
+            refused.isError and "invalid arguments" in (refused.meta or {})[ERROR_META]["message"]
+        )
 
         slow = await session.call_tool(
             "remote_slow", {"text": "echoed", "seconds": 1.0}, progress_callback=on_progress
@@ -185,6 +186,81 @@ async def test_input_required_at_the_remote_is_answered_through_the_caller(
     assert not result.isError, (result, a.log())
     assert result.structuredContent == {"answers": ["more", "done"]}
     assert len(audit_events(b, "ask", "scheduled")) == 1  # one remote task, answered twice
+
+
+B_POLICY = """
+tenant: default
+members: [spiffe://duragate.local/**]
+tools:
+  word_count:
+    call: [group:members]
+    approval:
+      approvers: [spiffe://duragate.local/anonymous]
+      allow_self: true
+      expires_seconds: 600
+"""
+
+
+async def test_an_approval_at_the_remote_is_given_through_the_caller(
+    spawn_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "b").mkdir()
+    policies = tmp_path / "b" / "policies"
+    policies.mkdir()
+    (policies / "default.yaml").write_text(B_POLICY)
+    b_config = {
+        **BASE,
+        "policy": {"dir": str(policies)},
+        "tools": [{"name": "word_count", "kind": "python", "target": "examples.tools:word_count"}],
+    }
+    (tmp_path / "b" / "gateway.yaml").write_text(yaml.safe_dump(b_config))
+    b = spawn_gateway(config=tmp_path / "b" / "gateway.yaml", data_dir=tmp_path / "b" / "data")
+    counting = {"name": "remote_count", "kind": "a2a", "target": b.base}
+    counting["options"] = {"skill": "word_count", "poll_seconds": 0.2}
+    a = spawn_gateway(config=write(tmp_path / "a", [counting]), data_dir=tmp_path / "a" / "data")
+    async with mcp_session(a.url) as session:
+        created = await session.experimental.call_tool_as_task(
+            "remote_count", {"text": "one two three"}
+        )
+        task_id = created.task.taskId
+        task = await wait_status(session, task_id, "input_required")
+        assert task.statusMessage == "word_count is waiting for approval"  # B's wait, at A
+        answer = supply_input(a, task_id, {"approve": True, "reason": "fine"})
+        assert answer.status_code == 200, answer.text
+        with anyio.fail_after(60):
+            result = await session.experimental.get_task_result(task_id, types.CallToolResult)
+    assert not result.isError, (result, a.log())
+    assert result.structuredContent is not None and result.structuredContent["words"] == 3
+    approved = audit_events(b, "word_count", "approved")
+    assert approved and approved[0]["reason"] == "fine"
+
+
+async def test_a_resent_message_is_replayed_by_the_remote(
+    shared_b: GatewayProcess, tmp_path: Path
+) -> None:
+    """Lost checkpoint, same task execution id: the same message id goes out again and the
+    remote answers with the task it already ran."""
+    runtime = DurableRuntime(
+        EmbeddedEngineConfig(sidecar="thread"), tmp_path / "engine.db", lambda name: None
+    )
+    await runtime.start()
+    try:
+        tool = adapter_for("a2a").prepare(
+            ToolConfig(name="r", kind="a2a", target=shared_b.base, options={"skill": "add"})
+        )
+        context = ToolContext("call-replay", "exec-1", checkpoints=runtime.checkpoints)
+        first = await tool.invoke({"a": 40, "b": 2}, context)
+        assert runtime.checkpoints is not None
+        saved = await runtime.checkpoints.aget(context.call_key("a2a", "task"))
+        await runtime.checkpoints.adelete(context.call_key("a2a", "task"))
+        again = await tool.invoke({"a": 40, "b": 2}, context)
+    finally:
+        await runtime.stop()
+    assert first == again == {"result": 42}
+    wait_audit(shared_b, "add", "replayed")
+    replayed = audit_events(shared_b, "add", "replayed")
+    assert [r["task"] for r in replayed] == [saved["task_id"]]
+    assert [r["task"] for r in audit_events(shared_b, "add", "scheduled")] == [saved["task_id"]]
 
 
 def test_an_unreachable_agent_or_unknown_skill_stops_the_start(

@@ -25,6 +25,8 @@ from gateway.mcp_front import USAGE_META
 from tests.adapters.chat_server import ChatServer, Reply, text, tool_call
 from tests.adapters.conftest import BASE
 from tests.gateway.conftest import GatewayFactory, GatewayProcess, mcp_session
+from tests.gateway.test_a2a import a2a_client, collect, final_task, result_of, send
+from tests.gateway.test_a2a import message as a2a_message
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -177,6 +179,13 @@ async def test_tool_call_then_answer_usage_retry_after_and_memory(
             assert not remembered.isError, remembered
         assert remembered.structuredContent is not None
         assert remembered.structuredContent["answer"] == "you asked before: ['add 1 and 1']"
+
+    # Over A2A the message's contextId is the conversation.
+    async with a2a_client(gateway.base, path="/a2a/agents/assistant") as client:
+        for asked in ("add 4 and 4", "and before?"):
+            msg = a2a_message(data={"message": asked}, context_id="a2a-conversation")
+            task = final_task(await collect(client, send(msg)))
+        assert result_of(task)["answer"] == "you asked before: ['add 4 and 4']"
 
     first = model.server.requests[0]
     assert first["model"] == "test-model"
