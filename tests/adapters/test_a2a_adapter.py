@@ -215,7 +215,7 @@ async def test_an_approval_at_the_remote_is_given_through_the_caller(
     }
     (tmp_path / "b" / "gateway.yaml").write_text(yaml.safe_dump(b_config))
     b = spawn_gateway(config=tmp_path / "b" / "gateway.yaml", data_dir=tmp_path / "b" / "data")
-    counting = {"name": "remote_count", "kind": "a2a", "target": b.base}
+    counting: dict[str, Any] = {"name": "remote_count", "kind": "a2a", "target": b.base}
     counting["options"] = {"skill": "word_count", "poll_seconds": 0.2}
     a = spawn_gateway(config=write(tmp_path / "a", [counting]), data_dir=tmp_path / "a" / "data")
     async with mcp_session(a.url) as session:
@@ -251,7 +251,7 @@ async def test_a_resent_message_is_replayed_by_the_remote(
         context = ToolContext("call-replay", "exec-1", checkpoints=runtime.checkpoints)
         first = await tool.invoke({"a": 40, "b": 2}, context)
         assert runtime.checkpoints is not None
-        saved = await runtime.checkpoints.aget(context.call_key("a2a", "task"))
+        saved: dict[str, Any] = await runtime.checkpoints.aget(context.call_key("a2a", "task"))
         await runtime.checkpoints.adelete(context.call_key("a2a", "task"))
         again = await tool.invoke({"a": 40, "b": 2}, context)
     finally:
