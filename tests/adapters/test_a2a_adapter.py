@@ -251,7 +251,8 @@ async def test_a_resent_message_is_replayed_by_the_remote(
         context = ToolContext("call-replay", "exec-1", checkpoints=runtime.checkpoints)
         first = await tool.invoke({"a": 40, "b": 2}, context)
         assert runtime.checkpoints is not None
-        saved: dict[str, Any] = await runtime.checkpoints.aget(context.call_key("a2a", "task"))
+        saved = await runtime.checkpoints.aget(context.call_key("a2a", "task"))
+        assert isinstance(saved, dict)
         await runtime.checkpoints.adelete(context.call_key("a2a", "task"))
         again = await tool.invoke({"a": 40, "b": 2}, context)
     finally:
