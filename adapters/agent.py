@@ -73,6 +73,8 @@ FUNCTION_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
 MAX_RETRY_AFTER_SECONDS = 60.0
 MAX_ERROR_TEXT = 300
+# A tool result longer than this is cut before the model sees it (and before it is saved).
+MAX_TOOL_RESULT_CHARS = 20_000
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 INPUT_SCHEMA: dict[str, Any] = {
@@ -383,6 +385,8 @@ class AgentTool:
         messages: list[dict[str, Any]] = state["messages"]
         for index, call in pending:
             content = await self._tool_result(call, context, state["steps"], index)
+            if len(content) > MAX_TOOL_RESULT_CHARS:
+                content = content[:MAX_TOOL_RESULT_CHARS] + " …(cut)"
             messages.append({"role": "tool", "tool_call_id": call["id"], "content": content})
             state["tool_calls"] += 1
             await context.require_checkpoints().aput(run_key, state)
