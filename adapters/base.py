@@ -17,7 +17,7 @@ Failures, and what the dispatch path is expected to do with them:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -107,6 +107,24 @@ class ToolSpec:
         )
 
 
+class GatewayTools(Protocol):
+    """The gateway's other tools, for a tool that acts as an agent of its caller
+    (`gateway.delegation`): it calls them as `spiffe://<trust domain>/agent/<agent>` in the
+    caller's tenant, with the caller appended to the delegation chain, through the dispatch path
+    (policy, limits, audit, a durable call of its own)."""
+
+    async def visible(self, agent: str, names: Sequence[str]) -> list[ToolSpec]:
+        """The specs of those of `names` the agent, acting for the caller, may see."""
+        ...
+
+    async def call(
+        self, agent: str, tool: str, arguments: dict[str, Any], *, key: str, timeout: float
+    ) -> dict[str, Any]:
+        """`{"ok": true, "result", "usage"?}` or `{"ok": false, "error": {"type", "message"}}`;
+        `key` is the call's idempotency key (the same key replays the call)."""
+        ...
+
+
 def _ignore_progress(progress: float, total: float | None, message: str | None) -> None:
     pass
 
@@ -126,6 +144,10 @@ class ToolContext:
     (the whole call, across the tool's runs before and after an input). `supplied_input` is
     set when this run follows an `InputRequired`. What the tool reports with `report_usage`
     (token counts, ...) is returned with its result, for budgets.
+
+    `principal` is the caller (`Principal.to_json()`), `context_id` the conversation the call
+    belongs to (A2A contextId), and `tools` the gateway's other tools, called for that caller
+    (None where the runtime offers none).
     """
 
     instance_id: str
@@ -135,6 +157,9 @@ class ToolContext:
     checkpoints: CheckpointStore | None = None
     supplied_input: SuppliedInput | None = None
     usage: dict[str, float] = field(default_factory=dict)
+    principal: dict[str, Any] | None = None
+    context_id: str | None = None
+    tools: GatewayTools | None = None
 
     def execution_key(self, *parts: str) -> str:
         """A checkpoint key private to this activity (stable across its retries)."""

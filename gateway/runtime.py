@@ -161,6 +161,8 @@ class DurableRuntime:
         self.http_address: str | None = None
         # Adapters' checkpoints, in the sidecar's state API (see adapters.checkpoints).
         self.checkpoints: CheckpointStore | None = None
+        # Set by the gateway before `start`: tools' access to other tools (gateway.delegation).
+        self.delegation: Any = None
         self._sidecar: SidecarProcess | SidecarThread | None = None
         self._worker: wf.WorkflowRuntime | None = None
         self._client: DaprWorkflowClient | None = None
@@ -192,7 +194,9 @@ class DurableRuntime:
             self.checkpoints = CheckpointStore(
                 self.address, http_endpoint=_http_endpoint(http) if http else None
             )
-            workflow.register(worker, self.lookup, self.progress, self.checkpoints)
+            workflow.register(
+                worker, self.lookup, self.progress, self.checkpoints, lambda: self.delegation
+            )
             await asyncio.to_thread(worker.start)
             self._worker = worker
             self._client = DaprWorkflowClient(host=host, port=port, logger_options=SDK_LOGS)

@@ -34,13 +34,14 @@ from gateway.a2a_cards import check_agents
 from gateway.a2a_push import PushService
 from gateway.audit import AUDIT_FILE_NAME, AuditLog
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.delegation import Delegation
 from gateway.dispatch import AllowConfiguredTools, Dispatcher, Policy
 from gateway.http_app import build_app, build_authenticator
 from gateway.mcp_front import LiveSessions, McpFront
 from gateway.registry import Registry
 from gateway.runtime import DurableRuntime
 from gateway.state_client import StateClient
-from gateway.stdio import local_principal, protocol_stdout, run_stdio
+from gateway.stdio import LOCAL_TRUST_DOMAIN, local_principal, protocol_stdout, run_stdio
 from identity.own import OwnIdentity, OwnIdentityError, own_identity
 from identity.tls import PEER_KEY, TLS_EXTENSION, ServerTls, peer_from_transport
 from policies.budgets import DaprBudgets
@@ -177,6 +178,12 @@ class Gateway:
             raise GatewayStartError(f"cannot open the audit log {audit_target}: {exc}") from None
         runtime = DurableRuntime(
             self._config.engine, paths.engine_db_path(self.data_dir), self._lookup
+        )
+        # Agent tools call other tools through the dispatcher, once it exists (below).
+        runtime.delegation = Delegation(
+            asyncio.get_running_loop(),
+            lambda: self._dispatcher,
+            self._config.identity.trust_domain or LOCAL_TRUST_DOMAIN,
         )
         self._registry = registry
         try:

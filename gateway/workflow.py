@@ -89,6 +89,7 @@ def call_workflow(ctx: wf.DaprWorkflowContext, call: dict[str, Any]) -> Generato
             "tool": tool,
             "arguments": call["arguments"],
             "principal": call["principal"],
+            "context_id": call.get("context_id"),
             "envelope": True,
         }
         if supplied is not None:
@@ -181,10 +182,15 @@ def _await_approval(
 
 
 def make_tool_activity(
-    lookup: Callable[[str], Any], hub: ProgressHub, checkpoints: CheckpointStore | None = None
+    lookup: Callable[[str], Any],
+    hub: ProgressHub,
+    checkpoints: CheckpointStore | None = None,
+    delegation: Callable[[], Any] | None = None,
 ) -> Callable[..., Any]:
     """The activity that runs one tool; `lookup(name)` returns its prepared tool or None, what
-    the tool reports as progress goes to `hub`, and its checkpoints go to `checkpoints`."""
+    the tool reports as progress goes to `hub`, and its checkpoints go to `checkpoints`.
+    `delegation()` (a `gateway.delegation.Delegation`, or None) gives tools the gateway's
+    other tools, called for the call's principal."""
     # Runs of each task execution seen by this process: the attempt number tools are given
     # (a retry in another process, or after a restart, starts counting again).
     attempts: OrderedDict[str, int] = OrderedDict()
@@ -208,6 +214,8 @@ def make_tool_activity(
         if len(attempts) > 10_000:
             attempts.popitem(last=False)
         supplied = inp.get("input")
+        delegated = delegation() if delegation is not None else None
+        principal = inp.get("principal")
         context = ToolContext(
             instance_id=ctx.workflow_id,
             task_execution_id=execution_id,
@@ -219,6 +227,9 @@ def make_tool_activity(
                 if supplied
                 else None
             ),
+            principal=principal,
+            context_id=inp.get("context_id"),
+            tools=delegated.bind(principal) if delegated is not None else None,
         )
         try:
             result = await tool.invoke(inp["arguments"], context)
@@ -249,6 +260,7 @@ def register(
     lookup: Callable[[str], Any],
     hub: ProgressHub,
     checkpoints: CheckpointStore | None = None,
+    delegation: Callable[[], Any] | None = None,
 ) -> None:
     # A fresh function per runtime: the SDK marks a registered function and refuses it in a
     # second runtime of the same process (tests, a reloaded gateway).
@@ -258,4 +270,6 @@ def register(
         return (yield from call_workflow(ctx, call))
 
     runtime.register_workflow(duragate_call, name=WORKFLOW_NAME)
-    runtime.register_activity(make_tool_activity(lookup, hub, checkpoints), name=ACTIVITY_NAME)
+    runtime.register_activity(
+        make_tool_activity(lookup, hub, checkpoints, delegation), name=ACTIVITY_NAME
+    )
