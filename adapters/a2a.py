@@ -42,13 +42,16 @@ import asyncio
 import hashlib
 import os
 import re
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic_core import to_jsonable_python
 
+import adapters
 from adapters._targets import check_options
 from adapters.base import InputRequired, ToolContext, ToolError, ToolLoadError, ToolSpec
 from gateway.config import ToolConfig
@@ -63,6 +66,10 @@ OPTIONS: dict[str, type | tuple[type, ...]] = {
     "request_timeout_seconds": (int, float),
     "poll_seconds": (int, float),
     "stream": bool,
+    # "own": present the gateway's own identity (identity.own): its X.509-SVID over https, and
+    # with `jwt_audience` a JWT-SVID for that audience as the bearer token.
+    "identity": str,
+    "jwt_audience": str,
 }
 HEADER_NAME_RE = re.compile(r"[A-Za-z0-9-]{1,100}")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
@@ -111,12 +118,34 @@ class A2AAdapter:
                     f"tool {name!r}: header {header!r} must name an environment variable "
                     "holding its value"
                 )
+        _check_identity(name, config.target, options)
         tool = A2ATool(config, options)
         tool.load_card()
         return tool
 
 
 ADAPTER = A2AAdapter()
+
+
+def _check_identity(name: str, target: str, options: dict[str, Any]) -> None:
+    identity = options.get("identity")
+    if identity is None:
+        if "jwt_audience" in options:
+            raise ToolLoadError(f"tool {name!r}: option 'jwt_audience' needs identity: own")
+        return
+    if identity != "own":
+        raise ToolLoadError(f"tool {name!r}: option 'identity' can only be 'own'")
+    if adapters.own_identity() is None:
+        raise ToolLoadError(
+            f"tool {name!r}: identity: own needs the gateway's own identity: set identity.own "
+            "in the gateway config"
+        )
+    host = urlsplit(target).hostname or ""
+    if not target.startswith("https://") and host not in ("127.0.0.1", "localhost", "::1"):
+        raise ToolLoadError(
+            f"tool {name!r}: the gateway's identity is presented only over https (or to a "
+            "loopback host)"
+        )
 
 
 def _headers(tool: str, mapping: dict[str, str]) -> dict[str, str]:
@@ -159,13 +188,32 @@ class A2ATool:
     def _headers(self) -> dict[str, str]:
         return _headers(self._config.name, self._options.get("headers") or {})
 
+    def _verify(self) -> ssl.SSLContext | bool:
+        """With identity: own over https, a TLS context presenting the gateway's current SVID."""
+        own = adapters.own_identity()
+        if self._options.get("identity") == "own" and own is not None:
+            if self._card_url.startswith("https://"):
+                context: ssl.SSLContext = own.client_ssl_context()
+                return context
+        return True
+
+    async def _call_headers(self) -> dict[str, str]:
+        headers = self._headers()
+        audience = self._options.get("jwt_audience")
+        own = adapters.own_identity()
+        if audience and own is not None:
+            headers["Authorization"] = f"Bearer {await own.jwt_svid(audience)}"
+        return headers
+
     def load_card(self) -> None:
         """Fetch and check the card (blocking: tools load in a worker thread)."""
         from a2a.client.card_resolver import parse_agent_card
 
         name, url = self._config.name, self._card_url
         try:
-            response = httpx.get(url, headers=self._headers(), timeout=self._timeout)
+            response = httpx.get(
+                url, headers=self._headers(), timeout=self._timeout, verify=self._verify()
+            )
         except httpx.HTTPError as exc:
             raise ToolLoadError(
                 f"tool {name!r}: the agent card at {url} cannot be fetched: {exc}"
@@ -216,7 +264,10 @@ class A2ATool:
         from a2a.client import ClientConfig, ClientFactory
 
         timeout = httpx.Timeout(self._timeout, read=None if streaming else self._timeout)
-        async with httpx.AsyncClient(headers=self._headers(), timeout=timeout) as http:
+        headers = await self._call_headers()
+        async with httpx.AsyncClient(
+            headers=headers, timeout=timeout, verify=self._verify()
+        ) as http:
             wanted = self._options.get("binding")
             config = ClientConfig(
                 httpx_client=http,

@@ -302,3 +302,14 @@ def shared_b(tmp_path_factory: pytest.TempPathFactory) -> Any:
     factory = GatewayFactory(tmp)
     yield factory(config=write(tmp / "b", B_TOOLS), data_dir=tmp / "b" / "data")
     factory.stop_all()
+
+
+def test_the_gateways_own_identity_needs_identity_own() -> None:
+    adapter = adapter_for("a2a")
+    url = "https://agents.example/"
+    with pytest.raises(ToolLoadError, match="set identity.own"):
+        adapter.prepare(ToolConfig(name="t", kind="a2a", target=url, options={"identity": "own"}))
+    with pytest.raises(ToolLoadError, match="needs identity: own"):
+        adapter.prepare(ToolConfig(name="t", kind="a2a", target=url, options={"jwt_audience": "x"}))
+    with pytest.raises(ToolLoadError, match="can only be 'own'"):
+        adapter.prepare(ToolConfig(name="t", kind="a2a", target=url, options={"identity": "mine"}))
