@@ -35,6 +35,7 @@ from bench.harness import (
     a2a_rpc,
     artifact_data,
     bounded,
+    exit_on_sigterm,
     load_avg,
     start_gateway,
     state_of,
@@ -316,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.calls <= 1_000_000:
         parser.error("--calls must be between 1 and 1,000,000")
 
+    exit_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="duragate-capacity-") as name:
         tmp = Path(name)
         config = write_config(tmp, TOOLS, {"default": POLICY})

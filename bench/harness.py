@@ -362,6 +362,15 @@ async def bounded(jobs: list[Any], concurrency: int) -> list[Any]:
     return await asyncio.gather(*(one(j) for j in jobs), return_exceptions=True)
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that the `finally` blocks stop the gateways started."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 

@@ -41,6 +41,7 @@ from bench.harness import (
     a2a_message,
     a2a_rpc,
     artifact_data,
+    exit_on_sigterm,
     load_avg,
     make_principals,
     slope_per_minute,
@@ -273,10 +274,9 @@ async def drive(args: argparse.Namespace, gateway: GatewayProcess, tokens: Princ
     sampling.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await sampling
-    samples.append(
-        {"t_s": round(elapsed, 2), "calls": rec.calls, **_rounded(gateway.rss())}
-    )
-    used = {r: cpu_seconds(p) - cpu0[r] for r, p in cpu_roles.items() if Path(f"/proc/{p}").exists()}
+    samples.append({"t_s": round(elapsed, 2), "calls": rec.calls, **_rounded(gateway.rss())})
+    alive = {r: p for r, p in cpu_roles.items() if Path(f"/proc/{p}").exists()}
+    used = {r: cpu_seconds(p) - cpu0[r] for r, p in alive.items()}
     doors = {
         door: {
             "calls": len(lat),
@@ -300,9 +300,7 @@ async def drive(args: argparse.Namespace, gateway: GatewayProcess, tokens: Princ
         "mcp_sessions_opened": rec.sessions,
         "errors": {"count": rec.error_count, "listed": rec.errors},
         "cores_used": {r: round(s / elapsed, 2) for r, s in used.items()},
-        "cpu_ms_per_call": {
-            r: round(s * 1000 / max(1, rec.calls), 2) for r, s in used.items()
-        },
+        "cpu_ms_per_call": {r: round(s * 1000 / max(1, rec.calls), 2) for r, s in used.items()},
         "load_avg_at_start": load0,
         "load_avg_at_end": load_avg(),
         "memory": memory_verdict(samples, elapsed),
@@ -378,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sample_seconds is None:
         args.sample_seconds = max(0.5, args.duration / 200)
 
+    exit_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="duragate-load-") as name:
         tmp = Path(name)
         ttl = timedelta(seconds=args.duration + 900)

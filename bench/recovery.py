@@ -38,6 +38,7 @@ from bench.harness import (
     a2a_rpc,
     artifact_data,
     bounded,
+    exit_on_sigterm,
     load_avg,
     start_gateway,
     task_of,
@@ -273,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.calls <= 100_000:
         parser.error("--calls must be between 1 and 100,000")
 
+    exit_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="duragate-recovery-") as name:
         results = run(args, Path(name))
     after = results["after_restart"]
