@@ -240,12 +240,6 @@ def headline(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "rss_flat": res["memory"]["flat"],
             "targets_met": load["targets_met"],
         }
-        fast = _get(out, "mcp", "fastmcp_baseline", "seq_p50_ms")
-        mcp_p50 = _get(res, "per_front_door", "mcp", "latency_ms", "p50")
-        if fast and mcp_p50:
-            out["load"]["mcp_p50_under_load_over_fastmcp_sequential_p50_x"] = round(
-                mcp_p50 / fast, 1
-            )
     capacity = _get(runs, "capacity", "result")
     if capacity:
         res = capacity["results"]
