@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 READY_MARKER = "DURAGATE-BENCH-READY "
 START_TIMEOUT_SECONDS = 90.0
 A2A_HEADERS = {"A2A-Version": "1.0"}
+TRACEMALLOC_ENV = "DURAGATE_BENCH_TRACEMALLOC"
 TRUST_DOMAIN = "example.org"
 AUDIENCE = "duragate"
 
@@ -190,6 +191,25 @@ def _wait_ready(proc: subprocess.Popen[bytes], log: Path) -> tuple[str, float]:
     raise RuntimeError(f"the gateway was not ready in {START_TIMEOUT_SECONDS:g} s; see {log}")
 
 
+async def _trace_memory(setting: str) -> None:
+    """A diagnostic for memory growth (`DURAGATE_BENCH_TRACEMALLOC=T1,T2,FILE` in the gateway's
+    environment): trace allocations, snapshot at T1 and T2 seconds after start, and write the
+    30 places whose live memory grew most between the two to FILE."""
+    import tracemalloc
+
+    first, second, path = setting.split(",", 2)
+    tracemalloc.start(8)
+    await asyncio.sleep(float(first))
+    before = tracemalloc.take_snapshot()
+    await asyncio.sleep(float(second) - float(first))
+    after = tracemalloc.take_snapshot()
+    lines = []
+    for stat in after.compare_to(before, "traceback")[:30]:
+        lines.append(f"{stat.size_diff / 1024:+.1f} KiB in {stat.count_diff:+d} blocks")
+        lines.extend("    " + line for line in stat.traceback.format()[-8:])
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
 def serve_main(argv: list[str]) -> int:
     import logging
 
@@ -207,6 +227,8 @@ def serve_main(argv: list[str]) -> int:
         print(READY_MARKER + json.dumps({"url": url}), flush=True)
 
     async def main() -> None:
+        trace = os.environ.get(TRACEMALLOC_ENV)
+        tracer = asyncio.ensure_future(_trace_memory(trace)) if trace else None
         # `serve` leaves SIGTERM to its caller: cancelling it stops the engine cleanly.
         task = asyncio.ensure_future(
             serve(load_config(args.config), args.data_dir, port=args.port, on_ready=ready)
@@ -214,6 +236,8 @@ def serve_main(argv: list[str]) -> int:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if tracer is not None:
+            tracer.cancel()
 
     asyncio.run(main())
     return 0
