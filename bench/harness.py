@@ -144,21 +144,23 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def start_gateway(
     config: Path, data_dir: Path, log: Path, env: dict[str, str] | None = None
 ) -> GatewayProcess:
-    """Start the gateway in its own process group and wait for its ready line."""
+    """Start the gateway in its own process group and wait for its ready line. Its stdout goes
+    to a file next to `log` (a pipe nobody reads after the start could fill and stall it)."""
     cmd = [sys.executable, "-m", "bench.harness", "serve", "--config", str(config)]
     cmd += ["--data-dir", str(data_dir)]
+    out = log.with_suffix(".out")
     started_at = time.time()
-    with log.open("ab") as err:
+    with log.open("ab") as err, out.open("wb") as stdout:
         proc = subprocess.Popen(
             cmd,
             cwd=REPO,
             env=child_env(env),
-            stdout=subprocess.PIPE,
+            stdout=stdout,
             stderr=err,
             start_new_session=True,
         )
     try:
-        url, ready_at = _wait_ready(proc, log)
+        url, ready_at = _wait_ready(proc, out, log)
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -172,18 +174,12 @@ def start_gateway(
     return gateway
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], log: Path) -> tuple[str, float]:
-    assert proc.stdout is not None
-    os.set_blocking(proc.stdout.fileno(), False)
+def _wait_ready(proc: subprocess.Popen[bytes], out: Path, log: Path) -> tuple[str, float]:
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    buffer = b""
     while time.monotonic() < deadline:
-        chunk = proc.stdout.read()
-        if chunk:
-            buffer += chunk
-            for line in buffer.decode(errors="replace").splitlines():
-                if line.startswith(READY_MARKER):
-                    return json.loads(line[len(READY_MARKER) :])["url"], time.time()
+        for line in out.read_text(errors="replace").splitlines():
+            if line.startswith(READY_MARKER):
+                return json.loads(line[len(READY_MARKER) :])["url"], time.time()
         if proc.poll() is not None:
             tail = log.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"the gateway exited ({proc.returncode}) at start:\n{tail}")
