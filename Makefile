@@ -4,6 +4,7 @@
 #   make test [PYTEST_ARGS=]  install Duragate with its test extras and run pytest
 #   make lint                 ruff and mypy
 #   make bench [BENCH_ARGS=]  run the engine benchmark
+#   make report [REPORT_ARGS=--quick]  run every benchmark; JSON and charts in bench/figures
 
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null || echo python3)
 VENV ?= .venv
@@ -11,8 +12,9 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+REPORT_ARGS ?=
 
-.PHONY: help demo demo-mtls test lint bench install install-test clean
+.PHONY: help demo demo-mtls test lint bench report install install-test clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -62,6 +64,9 @@ lint: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.engine_bench $(BENCH_ARGS)
+
+report: $(VENV)/.installed-bench
+	$(BIN)/python -m bench.report $(REPORT_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -68,13 +68,16 @@ class ProgressHub:
         try:
             await asyncio.wait_for(fut, timeout)
         except TimeoutError:
+            return None
+        finally:
+            # Timed out, woken, or cancelled (a caller whose call completed first cancels
+            # this wait): never leave the waiter behind, or every call leaks one entry.
             with self._lock:
                 waiters = self._waiters.get(instance_id, [])
                 if (loop, fut) in waiters:
                     waiters.remove((loop, fut))
                 if not waiters:
                     self._waiters.pop(instance_id, None)
-            return None
         return self.latest(instance_id)
 
     def forget(self, instance_id: str) -> None:
