@@ -8,7 +8,6 @@ identity settings (JWT-SVID bearer tokens, mTLS client certificates).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 from a2a.types import (
@@ -29,59 +28,12 @@ from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, TransportProtocol
 
 from gateway import __version__
 from gateway import a2a_render as render
-from gateway.config import AGENT_LIKE_KINDS, ConfigError, GatewayConfig
+from gateway.a2a_agents import AgentDef, agents_of
+from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher
 from identity.principal import Principal
 
 DIRECTORY_EXTENSION = "https://duragate.dev/extensions/a2a-directory/v1"
-
-
-@dataclass(frozen=True)
-class AgentDef:
-    """An A2A agent of the gateway. `name` "" is the gateway's own agent (every tool)."""
-
-    name: str
-    description: str
-    tools: tuple[str, ...] | None
-
-    @property
-    def path(self) -> str:
-        return "/a2a" if not self.name else f"/a2a/agents/{self.name}"
-
-    def offers(self, tool: str) -> bool:
-        return self.tools is None or tool in self.tools
-
-
-def agents_of(config: GatewayConfig) -> dict[str, AgentDef]:
-    """The agents `config` exposes, by name ("" is the gateway itself)."""
-    agents = {"": AgentDef("", "Every tool of this Duragate gateway that you may call.", None)}
-    for agent in config.a2a.agents:
-        description = agent.description or f"Tools: {', '.join(agent.tools)}."
-        agents[agent.name] = AgentDef(agent.name, description, tuple(agent.tools))
-    mode = config.a2a.tools_as_agents
-    for tool in config.tools:
-        if mode == "none" or (mode == "agent_like" and tool.kind not in AGENT_LIKE_KINDS):
-            continue
-        name = tool.name.lower().replace(".", "-")
-        if name in agents or not name[:1].isalnum():
-            continue
-        agents[name] = AgentDef(name, tool.description or tool.name, (tool.name,))
-    return agents
-
-
-def check_agents(config: GatewayConfig) -> None:
-    """A ConfigError for agents that name tools the config does not have."""
-    names = {t.name for t in config.tools}
-    problems = [
-        config.problem(
-            ("a2a", "agents", i, "tools", j), f"agent {agent.name!r}: no tool named {tool!r}"
-        )
-        for i, agent in enumerate(config.a2a.agents)
-        for j, tool in enumerate(agent.tools)
-        if tool not in names
-    ]
-    if problems:
-        raise ConfigError(problems)
 
 
 class A2AHost(Protocol):

@@ -62,7 +62,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from gateway import a2a_render as render
-from gateway.a2a_cards import A2AHost, AgentDef, agents_of, build_card
+from gateway.a2a_agents import AgentDef, agents_of
+from gateway.a2a_cards import A2AHost, build_card
 from gateway.a2a_push import PushConfigError, PushService
 from gateway.dispatch import CallRequest, CallState, CallView, Dispatcher, DispatchError
 from gateway.mcp_front import PRINCIPAL_SCOPE_KEY

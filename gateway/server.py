@@ -22,7 +22,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -30,24 +30,24 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 import adapters
 from adapters.base import PreparedTool
 from gateway import paths
-from gateway.a2a_cards import check_agents
-from gateway.a2a_push import PushService
+from gateway.a2a_agents import check_agents
 from gateway.audit import AUDIT_FILE_NAME, AuditLog
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.delegation import Delegation
 from gateway.dispatch import AllowConfiguredTools, Dispatcher, Policy
-from gateway.http_app import build_app, build_authenticator
-from gateway.mcp_front import LiveSessions, McpFront
 from gateway.registry import Registry
 from gateway.runtime import DurableRuntime
 from gateway.state_client import StateClient
-from gateway.stdio import LOCAL_TRUST_DOMAIN, local_principal, protocol_stdout, run_stdio
 from identity.own import OwnIdentity, OwnIdentityError, own_identity
 from identity.tls import PEER_KEY, TLS_EXTENSION, ServerTls, peer_from_transport
 from policies.budgets import DaprBudgets
 from policies.evaluator import PolicyEngine
 from policies.limits import Admission
 from policies.loader import PolicyStore
+
+if TYPE_CHECKING:  # imported when needed: the engine starts before the front doors load
+    from gateway.a2a_push import PushService
+    from gateway.mcp_front import LiveSessions
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,12 @@ def load_policy(config: GatewayConfig) -> LoadedPolicies:
     return LoadedPolicies(PolicyEngine(store), store)
 
 
+def _local_trust_domain() -> str:
+    from gateway.stdio import LOCAL_TRUST_DOMAIN
+
+    return LOCAL_TRUST_DOMAIN
+
+
 class GatewayStartError(RuntimeError):
     """The gateway could not start; nothing it had started is left running."""
 
@@ -92,7 +98,7 @@ class Gateway:
         self._adjust = adjust
         self._config = config
         self.data_dir = data_dir
-        self.sessions = LiveSessions()
+        self._sessions: LiveSessions | None = None
         self._registry: Registry | None = None
         self._runtime: DurableRuntime | None = None
         self._dispatcher: Dispatcher | None = None
@@ -125,6 +131,15 @@ class Gateway:
         if self._dispatcher is None:
             raise RuntimeError("the gateway is not started")
         return self._dispatcher
+
+    @property
+    def sessions(self) -> LiveSessions:
+        """The live MCP sessions (told when the tool list changes)."""
+        if self._sessions is None:
+            from gateway.mcp_front import LiveSessions
+
+            self._sessions = LiveSessions()
+        return self._sessions
 
     @property
     def push(self) -> PushService | None:
@@ -183,7 +198,7 @@ class Gateway:
         runtime.delegation = Delegation(
             asyncio.get_running_loop(),
             lambda: self._dispatcher,
-            self._config.identity.trust_domain or LOCAL_TRUST_DOMAIN,
+            self._config.identity.trust_domain or _local_trust_domain(),
         )
         self._registry = registry
         try:
@@ -209,6 +224,8 @@ class Gateway:
             self._policy_refresh = asyncio.create_task(self._refresh_policies(policy.store))
         if self._config.a2a.enabled:
             state = StateClient(runtime.address, runtime.metadata)
+            from gateway.a2a_push import PushService
+
             self._push = PushService(lambda: self.dispatcher, state, lambda: self.config.a2a.push)
             # Tasks whose final state was not pushed yet (the gateway was down): push it now.
             await self._push.resume()
@@ -255,6 +272,8 @@ class Gateway:
             registry = await asyncio.to_thread(Registry.from_config, config)
             check_agents(config)
             # A broken trust bundle refuses the whole reload, as a broken tool does.
+            from gateway.http_app import build_authenticator
+
             await asyncio.to_thread(build_authenticator, config)
             old = self._config
             for key in ("listen", "engine", "data_dir", "policy", "audit"):
@@ -392,6 +411,11 @@ async def serve(
         sock.close()
         raise
     try:
+        # The front doors load now, after the engine and its worker have started: after a
+        # crash, calls in flight resume while these imports are still running.
+        from gateway.http_app import build_app
+        from gateway.mcp_front import McpFront
+
         front = McpFront(gateway, gateway.sessions, front_door="mcp-http")
         app = build_app(gateway, front, host)
         tls_settings: dict[str, Any] = {}
@@ -437,10 +461,14 @@ async def serve(
 
 async def serve_stdio(config: GatewayConfig, data_dir: Path) -> None:
     """Run the gateway with MCP over stdio until stdin closes (or until cancelled)."""
+    from gateway.stdio import local_principal, protocol_stdout, run_stdio
+
     with protocol_stdout() as out:
         gateway = Gateway(config, data_dir)
         await gateway.start()
         try:
+            from gateway.mcp_front import McpFront
+
             front = McpFront(
                 gateway,
                 gateway.sessions,

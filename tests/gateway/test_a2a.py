@@ -48,7 +48,7 @@ from a2a.utils.errors import A2AError
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict
 
-from gateway.a2a_cards import check_agents
+from gateway.a2a_agents import check_agents
 from gateway.config import ConfigError, parse_config
 from identity.dev_ca import DevCA
 from tests.gateway.conftest import TEST_CONFIG, GatewayFactory, GatewayProcess

@@ -1,0 +1,59 @@
+"""The A2A agents a config exposes (no A2A library needed: start-up checks use it).
+
+Agents: the gateway itself (every tool, at `/a2a`), each group of tools in `a2a.agents`, and
+each tool of an agent-like kind (or every tool, per `a2a.tools_as_agents`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.config import AGENT_LIKE_KINDS, ConfigError, GatewayConfig
+
+
+@dataclass(frozen=True)
+class AgentDef:
+    """An A2A agent of the gateway. `name` "" is the gateway's own agent (every tool)."""
+
+    name: str
+    description: str
+    tools: tuple[str, ...] | None
+
+    @property
+    def path(self) -> str:
+        return "/a2a" if not self.name else f"/a2a/agents/{self.name}"
+
+    def offers(self, tool: str) -> bool:
+        return self.tools is None or tool in self.tools
+
+
+def agents_of(config: GatewayConfig) -> dict[str, AgentDef]:
+    """The agents `config` exposes, by name ("" is the gateway itself)."""
+    agents = {"": AgentDef("", "Every tool of this Duragate gateway that you may call.", None)}
+    for agent in config.a2a.agents:
+        description = agent.description or f"Tools: {', '.join(agent.tools)}."
+        agents[agent.name] = AgentDef(agent.name, description, tuple(agent.tools))
+    mode = config.a2a.tools_as_agents
+    for tool in config.tools:
+        if mode == "none" or (mode == "agent_like" and tool.kind not in AGENT_LIKE_KINDS):
+            continue
+        name = tool.name.lower().replace(".", "-")
+        if name in agents or not name[:1].isalnum():
+            continue
+        agents[name] = AgentDef(name, tool.description or tool.name, (tool.name,))
+    return agents
+
+
+def check_agents(config: GatewayConfig) -> None:
+    """A ConfigError for agents that name tools the config does not have."""
+    names = {t.name for t in config.tools}
+    problems = [
+        config.problem(
+            ("a2a", "agents", i, "tools", j), f"agent {agent.name!r}: no tool named {tool!r}"
+        )
+        for i, agent in enumerate(config.a2a.agents)
+        for j, tool in enumerate(agent.tools)
+        if tool not in names
+    ]
+    if problems:
+        raise ConfigError(problems)
