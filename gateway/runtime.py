@@ -149,8 +149,10 @@ class DurableRuntime:
         engine: Any,
         db_path: Path,
         lookup: Callable[[str], Any],
+        observer: workflow.CallObserver | None = None,
     ) -> None:
         self.engine = engine
+        self.observer = observer  # told when each call's workflow ends (metrics)
         self.db_path = db_path
         self.lookup = lookup
         self.progress = ProgressHub()
@@ -189,7 +191,9 @@ class DurableRuntime:
             self.checkpoints = CheckpointStore(
                 self.address, http_endpoint=_http_endpoint(http) if http else None
             )
-            workflow.register(worker, self.lookup, self.progress, self.checkpoints)
+            workflow.register(
+                worker, self.lookup, self.progress, self.checkpoints, observer=self.observer
+            )
             await asyncio.to_thread(worker.start)
             self._worker = worker
             self._client = DaprWorkflowClient(host=host, port=port, logger_options=SDK_LOGS)

@@ -29,7 +29,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import adapters
 from adapters.base import PreparedTool
-from gateway import paths
+from gateway import paths, telemetry
 from gateway.a2a_cards import check_agents
 from gateway.a2a_push import PushService
 from gateway.audit import AUDIT_FILE_NAME, AuditLog
@@ -37,6 +37,7 @@ from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.dispatch import AllowConfiguredTools, Dispatcher, Policy
 from gateway.http_app import build_app, build_authenticator
 from gateway.mcp_front import LiveSessions, McpFront
+from gateway.metrics import GatewayMetrics
 from gateway.registry import Registry
 from gateway.runtime import DurableRuntime
 from gateway.state_client import StateClient
@@ -100,6 +101,7 @@ class Gateway:
         self._push: PushService | None = None
         self._audit: AuditLog | None = None
         self._budgets: DaprBudgets | None = None
+        self.metrics = GatewayMetrics()
 
     @property
     def config(self) -> GatewayConfig:
@@ -137,6 +139,10 @@ class Gateway:
         not load (nothing started yet) and `GatewayStartError` if the engine does not start
         (whatever had started is stopped)."""
         adapters.set_data_dir(self.data_dir)  # before tools load: some keep files there
+        try:
+            telemetry.setup()  # from OTEL_* (off without them); once per process
+        except telemetry.TelemetryConfigError as exc:
+            raise GatewayStartError(str(exc)) from None
         registry = await asyncio.to_thread(Registry.from_config, self._config)
         check_agents(self._config)
         policy = await asyncio.to_thread(load_policy, self._config)
@@ -152,7 +158,10 @@ class Gateway:
         except OSError as exc:
             raise GatewayStartError(f"cannot open the audit log {audit_target}: {exc}") from None
         runtime = DurableRuntime(
-            self._config.engine, paths.engine_db_path(self.data_dir), self._lookup
+            self._config.engine,
+            paths.engine_db_path(self.data_dir),
+            self._lookup,
+            observer=self.metrics,
         )
         self._registry = registry
         try:
@@ -171,7 +180,9 @@ class Gateway:
             policy=policy.engine,
             audit=audit,
             admission=Admission(budgets=self._budgets),
+            metrics=self.metrics,
         )
+        self._watch(policy, audit, runtime)
         self._audit = audit
         self._policy = policy
         if policy.store is not None:
@@ -182,6 +193,15 @@ class Gateway:
             # Tasks whose final state was not pushed yet (the gateway was down): push it now.
             await self._push.resume()
         log.info("gateway started: %d tool(s), data in %s", len(registry), self.data_dir)
+
+    def _watch(self, policy: LoadedPolicies, audit: AuditLog, runtime: DurableRuntime) -> None:
+        """What the metrics read from the parts of a started gateway."""
+        store = policy.store
+        if store is not None:  # tenant labels: the tenants that have a policy file
+            self.metrics.tenant.allowed = lambda tenant: store.get(tenant) is not None
+        self.metrics.watch_audit(lambda: audit.dropped)
+        embedded = self._config.engine.kind != "dapr"  # daprd's metrics are scraped on their own
+        self.metrics.engine_address = lambda: runtime.http_address if embedded else None
 
     async def _refresh_policies(self, store: PolicyStore) -> None:
         # A changed file is validated before it replaces the one in force; a broken one keeps
@@ -214,6 +234,7 @@ class Gateway:
         audit, self._audit = self._audit, None
         if audit is not None:
             await asyncio.to_thread(audit.close)  # what is pending is written first
+        await asyncio.to_thread(telemetry.flush)
 
     async def reload(self, config: GatewayConfig) -> None:
         """Swap in the tools (and limits, identity settings) of `config` and tell every live
