@@ -246,7 +246,8 @@ class Dispatcher:
         spans of the call's trace (`req.trace_context`, the front door's span); a refusal is
         counted in the metrics by its reason."""
         try:
-            return await self._submit(req, telemetry.extract(req.trace_context))
+            with telemetry.call_trace(req.trace_context):  # audit records carry the trace id
+                return await self._submit(req, telemetry.extract(req.trace_context))
         except DispatchError as exc:
             outcome = exc.code if exc.code in ("denied", "limited", "unavailable") else "refused"
             self.metrics.call_refused(req.tool, req.principal.tenant, req.front_door, outcome)

@@ -225,6 +225,29 @@ def inject(carrier: dict[str, Any]) -> dict[str, Any]:
     return carrier
 
 
+def trace_id_of(carrier: Mapping[str, str] | None) -> str | None:
+    """The trace id (32 hex digits) a carrier names, or None."""
+    parent = (carrier or {}).get("traceparent", "")
+    return parent[3:35] if _TRACEPARENT.fullmatch(parent) else None
+
+
+# The trace of the call being dispatched, for the audit records written meanwhile.
+_call_trace: ContextVar[str | None] = ContextVar("duragate_call_trace", default=None)
+
+
+@contextlib.contextmanager
+def call_trace(carrier: Mapping[str, str] | None) -> Iterator[None]:
+    token = _call_trace.set(trace_id_of(carrier))
+    try:
+        yield
+    finally:
+        _call_trace.reset(token)
+
+
+def call_trace_id() -> str | None:
+    return _call_trace.get()
+
+
 # --- spans ------------------------------------------------------------------------------------
 
 _NOOP: contextlib.nullcontext[Span] = contextlib.nullcontext(INVALID_SPAN)

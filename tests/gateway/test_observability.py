@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import threading
 import time
@@ -102,9 +103,7 @@ class Receiver:
                                 "parent": span.parent_span_id.hex(),
                                 "kind": span.kind,
                                 "status": span.status.code,
-                                "attributes": {
-                                    a.key: _value(a.value) for a in span.attributes
-                                },
+                                "attributes": {a.key: _value(a.value) for a in span.attributes},
                                 "service": service.get("service.name"),
                                 "start": span.start_time_unix_nano,
                                 "end": span.end_time_unix_nano,
@@ -149,7 +148,9 @@ def write_config(tmp_path: Path, *, policy: bool = False, **changes: Any) -> Pat
     config = yaml.safe_load(TEST_CONFIG.read_text())
     for tool in config["tools"]:  # `flaky` retries: 3 attempts
         tool["timeout_seconds"] = 30
-    config["a2a"] = {"agents": [{"name": "math", "tools": ["add"]}]}
+    config["a2a"] = {
+        "agents": [{"name": "math", "tools": ["add"]}, {"name": "slow", "tools": ["slow_echo"]}]
+    }
     if policy:
         policies = tmp_path / "policies"
         policies.mkdir()
@@ -175,7 +176,13 @@ def traceparent() -> tuple[str, str, str]:
     return f"00-{trace_id}-{parent_id}-01", trace_id, parent_id
 
 
-def a2a_send(base: str, data: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
+def a2a_send(
+    base: str,
+    data: dict[str, Any],
+    headers: dict[str, str],
+    agent: str = "math",
+    immediately: bool = False,
+) -> dict[str, Any]:
     body = {
         "jsonrpc": "2.0",
         "id": 1,
@@ -185,13 +192,21 @@ def a2a_send(base: str, data: dict[str, Any], headers: dict[str, str]) -> dict[s
                 "messageId": uuid.uuid4().hex,
                 "role": "ROLE_USER",
                 "parts": [{"data": data}],
-            }
+            },
+            "configuration": {"returnImmediately": immediately},
         },
     }
-    answer = httpx.post(f"{base}/a2a/agents/math", json=body, headers={**V1, **headers}, timeout=60)
+    url = f"{base}/a2a/agents/{agent}"
+    answer = httpx.post(url, json=body, headers={**V1, **headers}, timeout=60)
     answer.raise_for_status()
     result: dict[str, Any] = answer.json()
     return result
+
+
+def audit_records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def by_name(spans: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -271,6 +286,14 @@ async def test_mcp_and_a2a_calls_are_one_trace_each(
     assert activity["attributes"]["duragate.task.id"] == task_id
     assert activity["attributes"]["gen_ai.operation.name"] == "execute_tool"
     assert_no_secrets(spans)
+    # The audit log's decision names the trace.
+    audit = tmp_path / "data" / "audit.jsonl"
+    deadline = time.monotonic() + 30
+    while not any(r.get("trace_id") == trace_id for r in audit_records(audit)):
+        assert time.monotonic() < deadline, audit_records(audit)
+        await asyncio.sleep(0.1)
+    scheduled = [r for r in audit_records(audit) if r.get("trace_id") == trace_id]
+    assert [(r["event"], r["task"]) for r in scheduled] == [("scheduled", task_id)]
 
     # A denial: the trace shows the rule and effect, the server span the error.
     header, trace_id, _ = traceparent()
@@ -337,14 +360,43 @@ async def test_each_retry_is_a_span_and_no_context_starts_a_trace(
     assert {a["attributes"]["error.type"] for a in failed} == {"RuntimeError"}
     deadline = time.monotonic() + 30
     while True:
-        roots = [
-            s for s in receiver.spans if s["name"] == "tools/call add" and s["parent"] == ""
-        ]
+        roots = [s for s in receiver.spans if s["name"] == "tools/call add" and s["parent"] == ""]
         if roots:
             break
         assert time.monotonic() < deadline, receiver.spans
         await asyncio.sleep(0.1)
     assert one(receiver.trace(roots[0]["trace_id"]), "duragate.tool add")
+
+
+async def test_an_activity_after_a_restart_joins_the_callers_trace(
+    spawn_gateway: GatewayFactory,
+    tmp_path: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tracing_env(monkeypatch, receiver)
+    config = write_config(tmp_path)
+    first = spawn_gateway(config=config)
+    header, trace_id, _ = traceparent()
+    answer = a2a_send(
+        first.base,
+        {"text": "still here", "seconds": 4},
+        {"traceparent": header},
+        agent="slow",
+        immediately=True,
+    )
+    assert answer["result"]["task"]["status"]["state"] == "TASK_STATE_WORKING", answer
+    spans = receiver.wait_for(trace_id, {"SendMessage slow", "duragate.schedule"})
+    server = one(spans, "SendMessage slow")
+    await asyncio.sleep(1.0)  # the activity is running now
+    first.kill()  # SIGKILL: the attempt under way never ends, so its span is never sent
+    assert by_name(receiver.trace(trace_id), "duragate.tool slow_echo") == []
+    spawn_gateway(config=config)  # the same data directory: the workflow goes on
+    spans = receiver.wait_for(trace_id, {"duragate.tool slow_echo"}, timeout=60)
+    activity = one(spans, "duragate.tool slow_echo")
+    # The new process never saw the request: the context came from the workflow input.
+    assert activity["parent"] == server["span_id"]
+    assert activity["status"] != STATUS_ERROR
 
 
 async def test_nothing_is_sent_without_otel_settings(
