@@ -30,6 +30,7 @@ holds who called). An exception marks its span as an error with `error.type` onl
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -38,6 +39,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
@@ -158,9 +160,75 @@ def _instrument_httpx(provider: Any) -> None:
     except ImportError:  # optional: upstream spans come from the adapters' own hooks then
         log.info("opentelemetry-instrumentation-httpx is not installed: no httpx client spans")
         return
+
+    async def async_hook(span: Span, request: Any) -> None:
+        genai_request(span, request)
+
+    # The stable HTTP conventions (`http.request.method`, `http.response.status_code`,
+    # `url.full`), unless the environment chose otherwise; read when instrumenting.
+    os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
     instrumentor = HTTPXClientInstrumentor()
-    instrumentor.instrument(tracer_provider=provider)
+    instrumentor.instrument(
+        tracer_provider=provider, request_hook=genai_request, async_request_hook=async_hook
+    )
     _instrumented = instrumentor
+
+
+# LLM APIs recognised in outbound httpx calls, by path: (operation, provider or None).
+_LLM_PATHS = (
+    ("/chat/completions", "chat"),
+    ("/v1/messages", "chat"),
+    (":generateContent", "generate_content"),
+    ("/v1/responses", "chat"),
+    ("/embeddings", "embeddings"),
+)
+_LLM_PROVIDERS = {
+    "api.openai.com": "openai",
+    "api.anthropic.com": "anthropic",
+    "generativelanguage.googleapis.com": "gcp.gemini",
+    "api.mistral.ai": "mistral_ai",
+}
+_MAX_LLM_BODY = 1 << 20
+
+
+def genai_request(span: Span, request: Any) -> None:
+    """An outbound httpx call: its URL without query string or credentials; a call to an LLM
+    API named and described per the GenAI semantic conventions (operation, provider, requested
+    model; never the prompt)."""
+    if not span.is_recording():
+        return
+    url = request.url if isinstance(request.url, httpx.URL) else None
+    if url is None:
+        return
+    # Query strings carry API keys (`?key=...`) and signatures: the URL goes without them.
+    span.set_attribute("url.full", str(url.copy_with(query=None, fragment=None, userinfo=b"")))
+    if request.method != b"POST":
+        return
+    operation = next((op for suffix, op in _LLM_PATHS if url.path.endswith(suffix)), None)
+    if operation is None:
+        return
+    span.set_attribute("gen_ai.operation.name", operation)
+    provider = _LLM_PROVIDERS.get(url.host)
+    if provider is not None:
+        span.set_attribute("gen_ai.provider.name", provider)
+    model = _requested_model(request.stream)
+    if model is not None:
+        span.set_attribute("gen_ai.request.model", model)
+    span.update_name(f"{operation} {model}" if model else operation)
+
+
+def _requested_model(stream: Any) -> str | None:
+    # A JSON body httpx holds in memory (ByteStream); a streamed upload is not read.
+    if not isinstance(stream, httpx.ByteStream):
+        return None
+    body = b"".join(stream)
+    if len(body) > _MAX_LLM_BODY:
+        return None
+    try:
+        model = json.loads(body).get("model")
+    except (ValueError, AttributeError):
+        return None
+    return model[:128] if isinstance(model, str) and model else None
 
 
 def shutdown() -> None:

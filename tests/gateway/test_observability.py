@@ -51,6 +51,8 @@ tools:
     call: [group:members]
   slow_echo:
     call: [group:members]
+  ask_llm:
+    call: [group:members]
 """
 
 
@@ -62,6 +64,7 @@ class Receiver:
 
     def __init__(self) -> None:
         self.spans: list[dict[str, Any]] = []
+        self.llm_headers: list[dict[str, str]] = []
         self.requests = 0
         self.lock = threading.Lock()
         receiver = self
@@ -69,6 +72,19 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - the http.server hook
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if (
+                    self.path.split("?")[0] == "/v1/chat/completions"
+                ):  # an OpenAI-compatible LLM, too
+                    receiver.llm_headers.append(dict(self.headers))
+                    reply = json.dumps(
+                        {"choices": [{"message": {"role": "assistant", "content": "forty-two"}}]}
+                    ).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply)
+                    return
                 request = ExportTraceServiceRequest()
                 request.ParseFromString(body)
                 receiver.add(request, self.path, self.headers.get("Content-Type", ""))
@@ -148,6 +164,9 @@ def write_config(tmp_path: Path, *, policy: bool = False, **changes: Any) -> Pat
     config = yaml.safe_load(TEST_CONFIG.read_text())
     for tool in config["tools"]:  # `flaky` retries: 3 attempts
         tool["timeout_seconds"] = 30
+    config["tools"].append(
+        {"name": "ask_llm", "kind": "python", "target": "tests.gateway.obs_tools:ask_llm"}
+    )
     config["a2a"] = {
         "agents": [{"name": "math", "tools": ["add"]}, {"name": "slow", "tools": ["slow_echo"]}]
     }
@@ -326,6 +345,38 @@ async def test_mcp_and_a2a_calls_are_one_trace_each(
     assert one(spans, "duragate.policy")["parent"] == server["span_id"]
     assert one(spans, "duragate.tool add")["parent"] == server["span_id"]
     assert_no_secrets(spans)
+
+
+async def test_an_llm_call_is_a_genai_client_span_with_the_context_sent_on(
+    spawn_gateway: GatewayFactory,
+    tmp_path: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tracing_env(monkeypatch, receiver)
+    gateway = spawn_gateway(config=write_config(tmp_path))
+    header, trace_id, _ = traceparent()
+    async with mcp_session(gateway.url) as session:
+        result = await session.call_tool(
+            "ask_llm",
+            {"prompt": "hi", "base_url": f"{receiver.url}/v1", "api_key": SECRET_ARGUMENT},
+            meta={"traceparent": header},
+        )
+    assert not result.isError, result
+    spans = receiver.wait_for(trace_id, {"duragate.tool ask_llm", "chat tiny-test-model"})
+    activity = one(spans, "duragate.tool ask_llm")
+    llm = one(spans, "chat tiny-test-model")
+    assert llm["parent"] == activity["span_id"] and llm["kind"] == 3  # CLIENT
+    assert llm["attributes"]["gen_ai.operation.name"] == "chat"
+    assert llm["attributes"]["gen_ai.request.model"] == "tiny-test-model"
+    assert llm["attributes"]["http.response.status_code"] == 200
+    assert llm["attributes"]["url.full"] == f"{receiver.url}/v1/chat/completions"
+    # The LLM server got the client span as its parent.
+    [headers] = receiver.llm_headers
+    sent = {k.lower(): v for k, v in headers.items()}["traceparent"]
+    assert sent == f"00-{trace_id}-{llm['span_id']}-01"
+    assert_no_secrets(spans)
+    assert not any("sk-test-secret" in str(v) for s in spans for v in s["attributes"].values())
 
 
 async def test_each_retry_is_a_span_and_no_context_starts_a_trace(
