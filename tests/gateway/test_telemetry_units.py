@@ -80,8 +80,8 @@ def test_label_values_are_bounded() -> None:
     metrics = GatewayMetrics(tools=lambda v: v == "add")
     for n in range(500):
         metrics.call_refused(f"guess-{n}", f"tenant-{n}", "mcp-http", "refused")
-    series = {s.labels["tool"] for s in metrics.calls.collect()[0].samples}
-    tenants = {s.labels["tenant"] for s in metrics.calls.collect()[0].samples}
+    series = {s.labels["tool"] for s in list(metrics.calls.collect())[0].samples}
+    tenants = {s.labels["tenant"] for s in list(metrics.calls.collect())[0].samples}
     assert series == {OTHER} and len(tenants) <= 101
 
 
