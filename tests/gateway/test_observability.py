@@ -31,7 +31,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.gateway.conftest import TEST_CONFIG, GatewayFactory, mcp_session
+from tests.gateway.conftest import INIT, MCP_HEADERS, TEST_CONFIG, GatewayFactory, mcp_session
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -507,6 +507,10 @@ async def test_metrics_count_calls_decisions_and_refusals(
                 await session.call_tool(name, {})
     answer = a2a_send(gateway.base, {"a": 2, "b": 3}, {})
     assert answer["result"]["task"]["status"]["state"] == "TASK_STATE_COMPLETED", answer
+    bad = httpx.post(
+        gateway.url, json=INIT, headers={**MCP_HEADERS, "Authorization": "Bearer not-a-jwt"}
+    )
+    assert bad.status_code == 401
 
     samples = scrape(gateway.base)
     calls = "duragate_calls_total"
@@ -540,6 +544,8 @@ async def test_metrics_count_calls_decisions_and_refusals(
     assert sum(v for (_, effect), v in decisions.items() if effect == "allow") == 3
     # Authentication results by method (every MCP request and the A2A one).
     assert value(samples, "duragate_authentications_total", method="anonymous", outcome="ok") > 4
+    refused = {"method": "bearer", "outcome": "unauthenticated"}
+    assert value(samples, "duragate_authentications_total", **refused) == 1
     assert value(samples, "duragate_audit_records_dropped_total") == 0
     # The embedded sidecar's metrics come with the gateway's.
     assert value(samples, "duragate_engine_up") == 1
