@@ -391,7 +391,8 @@ class DurableRequestHandler(RequestHandler):
                 "duragate.a2a.agent": agent,
             },
         )
-        # With tracing off, the caller's own context still travels on to upstream calls.
+        # With tracing off here, the workflow input keeps the caller's own context (a worker
+        # that traces continues it).
         context.state["trace"] = telemetry.carrier_of(span) or incoming
         try:
             yield span

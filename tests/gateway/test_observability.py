@@ -56,6 +56,20 @@ tools:
 """
 
 
+APPROVAL_POLICY = """
+tenant: default
+members:
+  - spiffe://duragate.local/**
+tools:
+  slow_echo:
+    call: [group:members]
+    approval:
+      approvers: [group:members]
+      allow_self: true
+      expires_seconds: 600
+"""
+
+
 # --- a small OTLP/HTTP receiver ---------------------------------------------------------------
 
 
@@ -160,7 +174,7 @@ def receiver() -> Iterator[Receiver]:
 # --- helpers ------------------------------------------------------------------------------
 
 
-def write_config(tmp_path: Path, *, policy: bool = False, **changes: Any) -> Path:
+def write_config(tmp_path: Path, *, policy: str | None = None, **changes: Any) -> Path:
     config = yaml.safe_load(TEST_CONFIG.read_text())
     for tool in config["tools"]:  # `flaky` retries: 3 attempts
         tool["timeout_seconds"] = 30
@@ -173,7 +187,7 @@ def write_config(tmp_path: Path, *, policy: bool = False, **changes: Any) -> Pat
     if policy:
         policies = tmp_path / "policies"
         policies.mkdir()
-        (policies / "default.yaml").write_text(POLICY)
+        (policies / "default.yaml").write_text(policy)
         config["policy"] = {"dir": str(policies)}
     config.update(changes)
     path = tmp_path / "gateway.yaml"
@@ -259,7 +273,7 @@ async def test_mcp_and_a2a_calls_are_one_trace_each(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     tracing_env(monkeypatch, receiver)
-    gateway = spawn_gateway(config=write_config(tmp_path, policy=True))
+    gateway = spawn_gateway(config=write_config(tmp_path, policy=POLICY))
 
     # MCP: the caller's context in `_meta` (the HTTP session itself carries none).
     header, trace_id, caller_span = traceparent()
@@ -496,7 +510,7 @@ def series(samples: dict[Any, float], name: str) -> list[dict[str, str]]:
 async def test_metrics_count_calls_decisions_and_refusals(
     spawn_gateway: GatewayFactory, tmp_path: Path
 ) -> None:
-    gateway = spawn_gateway(config=write_config(tmp_path, policy=True))
+    gateway = spawn_gateway(config=write_config(tmp_path, policy=POLICY))
     async with mcp_session(gateway.url) as session:
         for n in range(2):
             assert not (await session.call_tool("add", {"a": n, "b": 1})).isError
@@ -563,15 +577,24 @@ async def test_metrics_access_and_engine_gauges(
     spawn_gateway: GatewayFactory, tmp_path: Path
 ) -> None:
     # Loopback by default: the test reaches it over loopback; a foreign Host is refused.
-    gateway = spawn_gateway(config=write_config(tmp_path))
-    async with mcp_session(gateway.url) as session:
-        call = asyncio.ensure_future(session.call_tool("slow_echo", {"text": "x", "seconds": 3}))
-        # A running call shows in the engine's gauges while it runs.
-        deadline = time.monotonic() + 30
-        while value(scrape(gateway.base), "duragate_engine_workflows", status="running") < 1:
-            assert time.monotonic() < deadline and not call.done()
-            await asyncio.sleep(0.1)
-        assert not (await call).isError
+    gateway = spawn_gateway(config=write_config(tmp_path, policy=APPROVAL_POLICY))
+    answer = a2a_send(gateway.base, {"text": "ok?", "seconds": 0}, {}, "slow", immediately=True)
+    task_id = answer["result"]["task"]["id"]
+    deadline = time.monotonic() + 30
+    while value(samples := scrape(gateway.base), "duragate_approvals_pending") < 1:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert value(samples, "duragate_engine_workflows", status="waiting_approval") == 1
+    rule = "default.yaml:tools[slow_echo].approval"
+    assert value(samples, "duragate_policy_decisions_total", rule=rule, effect="approve") == 1
+    decided = httpx.post(f"{gateway.base}/approvals/{task_id}", json={"approve": True})
+    assert decided.status_code == 200, decided.text
+    done = {"tool": "slow_echo", "tenant": "default", "front_door": "a2a", "outcome": "completed"}
+    while value(samples := scrape(gateway.base), "duragate_calls_total", **done) < 1:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert value(samples, "duragate_approvals_pending") == 0
+    assert value(samples, "duragate_engine_workflows", status="waiting_approval") == 0
     rebinding = httpx.get(f"{gateway.base}/metrics", headers={"Host": "evil.example"})
     assert rebinding.status_code == 421
     # `authenticated`: an anonymous caller is not enough.
