@@ -52,7 +52,7 @@ from gateway.a2a_push import PushService
 from gateway.config import ConfigError, GatewayConfig, IdentityConfig
 from gateway.dispatch import Dispatcher, DispatchError
 from gateway.mcp_front import PRINCIPAL_SCOPE_KEY, McpFront
-from gateway.metrics import CountedAuthenticator, MetricsEndpoint
+from gateway.metrics_http import CountedAuthenticator, MetricsEndpoint
 from identity.authenticate import VIA_ANONYMOUS, AuthenticationError, Authenticator
 from identity.bundle import BundleError
 from identity.oauth import JwksError
