@@ -65,7 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import adapters
 from adapters.base import ToolContext, ToolError, ToolLoadError, ToolSpec
-from gateway import __version__
+from gateway import __version__, telemetry
 from gateway.config import ToolConfig
 
 log = logging.getLogger(__name__)
@@ -392,7 +392,9 @@ class McpTool:
         return self._spec
 
     async def invoke(self, arguments: dict[str, Any], context: ToolContext) -> Any:
-        meta = {IDEMPOTENCY_META: context.task_execution_id} if context.task_execution_id else None
+        carrier = {IDEMPOTENCY_META: context.task_execution_id} if context.task_execution_id else {}
+        # The trace goes on to the remote (a remote Duragate continues it from `_meta`).
+        meta = telemetry.inject(carrier) or None
 
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
             context.progress(progress, total, message)

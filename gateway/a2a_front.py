@@ -19,10 +19,11 @@ A message on a task that waits for an approval answers it, when its sender may a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,14 +55,17 @@ from a2a.types import (
     TaskNotCancelableError,
     TaskNotFoundError,
     TaskPushNotificationConfig,
+    TaskState,
     UnsupportedOperationError,
 )
 from google.protobuf.json_format import MessageToDict
+from opentelemetry.trace import Span
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from gateway import a2a_render as render
+from gateway import telemetry
 from gateway.a2a_agents import AgentDef, agents_of
 from gateway.a2a_cards import A2AHost, build_card
 from gateway.a2a_push import PushConfigError, PushService
@@ -288,6 +292,7 @@ class DurableRequestHandler(RequestHandler):
             front_door=FRONT_DOOR,
             idempotency_key=key,
             context_id=context_id,
+            trace_context=context.state.get("trace"),
         )
         try:
             view = await self.dispatcher.submit(request)
@@ -378,9 +383,46 @@ class DurableRequestHandler(RequestHandler):
             raise _a2a_error(exc) from None
         return _push_config(target.id, task_id, target.url, target.token, target.auth_scheme)
 
+    @contextlib.contextmanager
+    def _traced(self, method: str, context: ServerCallContext) -> Iterator[Span]:
+        """The call's server span (continuing the caller's `traceparent`), not made current:
+        its context reaches the dispatcher and the workflow as `context.state["trace"]`."""
+        agent = str(context.state.get("agent", "")) or None
+        incoming = telemetry.carrier_from(context.state.get("headers"))
+        span = telemetry.front_door_span(
+            f"{method} {agent}" if agent else method,
+            carrier=incoming,
+            auth=context.state.get("auth_timing"),
+            attributes={
+                "rpc.system": "a2a",
+                "rpc.method": method,
+                "duragate.front_door": FRONT_DOOR,
+                "duragate.a2a.agent": agent,
+            },
+        )
+        # With tracing off here, the workflow input keeps the caller's own context (a worker
+        # that traces continues it).
+        context.state["trace"] = telemetry.carrier_of(span) or incoming
+        try:
+            yield span
+        except Exception as exc:
+            telemetry.failed(span, exc)
+            raise
+        finally:
+            span.end()
+
     # --- the A2A methods ---------------------------------------------------------------------
 
     async def on_message_send(
+        self, params: SendMessageRequest, context: ServerCallContext
+    ) -> Task | Message:
+        with self._traced("SendMessage", context) as span:
+            answer = await self._message_send(params, context)
+            if isinstance(answer, Task) and span.is_recording():
+                span.set_attribute("duragate.outcome", TaskState.Name(answer.status.state))
+            return answer
+
+    async def _message_send(
         self, params: SendMessageRequest, context: ServerCallContext
     ) -> Task | Message:
         config = params.configuration
@@ -403,6 +445,13 @@ class DurableRequestHandler(RequestHandler):
         return render.task_of(view, history_length=history)
 
     async def on_message_send_stream(
+        self, params: SendMessageRequest, context: ServerCallContext
+    ) -> AsyncGenerator[Event]:
+        with self._traced("SendStreamingMessage", context):
+            async for event in self._message_stream(params, context):
+                yield event
+
+    async def _message_stream(
         self, params: SendMessageRequest, context: ServerCallContext
     ) -> AsyncGenerator[Event]:
         answered = None
@@ -622,6 +671,7 @@ class _ContextBuilder(DefaultServerCallContextBuilder):
         context.state["principal"] = request.scope[PRINCIPAL_SCOPE_KEY]
         context.state["agent"] = request.path_params.get("agent", "")
         context.state["base_url"] = str(request.base_url)
+        context.state["auth_timing"] = request.scope.get(telemetry.AUTH_SCOPE_KEY)
         return context
 
 
@@ -646,6 +696,7 @@ def build_routes(
             if isinstance(principal, Response):
                 return principal
             request.scope[PRINCIPAL_SCOPE_KEY] = principal
+            request.scope[telemetry.AUTH_SCOPE_KEY] = telemetry.last_auth()
             return await endpoint(request)
 
         return guard

@@ -10,7 +10,8 @@ A record:
     {"time": "2026-01-05T10:30:00.123Z", "event": "denied", "outcome": "deny",
      "principal": "spiffe://acme.example/people/alice", "tenant": "acme", "via": "jwt-svid",
      "chain": [], "tool": "pay", "rule": "acme.yaml:tools[pay].deny[0]", "reason": "too much",
-     "task": null, "level": "full", "arguments": {"amount": 20000, "card": "[redacted]"}}
+     "task": null, "level": "full", "arguments": {"amount": 20000, "card": "[redacted]"},
+     "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"}
 
 Events: `scheduled` (allowed, or waiting for approval: outcome allow | approve), `denied`,
 `refused` (unknown tool, invalid arguments), `limited` (rate, concurrency or budget, with when
@@ -28,6 +29,8 @@ Arguments and results are copied with every `redact` obligation path (`args.card
 a secret (token, password, secret, api key, authorization, credential, private key) replaced
 too, whatever the policy says. The record never holds a bearer token or a certificate: the
 principal is its SPIFFE ID, tenant, how it was proved (`via`) and the delegation chain.
+Records written while a call is dispatched carry its W3C trace id (`trace_id`, from the front
+door's span or the caller's `traceparent`), which finds the call's trace.
 
 Bounded and never in a call's way: `record` only formats the record and puts it on a queue of
 at most `max_pending` records; one writer thread appends them to the file (mode 0600) and
@@ -55,6 +58,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from gateway import telemetry
 from identity.principal import Principal
 
 log = logging.getLogger(__name__)
@@ -121,6 +125,8 @@ class AuditLog:
     def record(self, event: str, principal: Principal, tool: str | None, **details: Any) -> None:
         """Queue one record (formatted by the writer thread); never blocks, never raises."""
         obligations = details.pop("audit", None) or {}
+        if "trace_id" not in details and (trace_id := telemetry.call_trace_id()) is not None:
+            details["trace_id"] = trace_id  # the call's trace, while it is being dispatched
         level = obligations.get("level") or DEFAULT_LEVEL
         if level not in LEVELS:
             level = DEFAULT_LEVEL

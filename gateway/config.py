@@ -621,6 +621,16 @@ class AuditConfig(_Strict):
     max_pending: int = Field(default=10_000, ge=1)
 
 
+class ObservabilityConfig(_Strict):
+    """Metrics at `/metrics` (gateway/metrics.py). Traces are set up from the standard
+    `OTEL_*` environment variables, not here (gateway/telemetry.py)."""
+
+    metrics: bool = True
+    # Who may read /metrics: loopback callers only, any authenticated (not anonymous) caller,
+    # or anyone who can reach the listener. Metrics name tenants and tools.
+    metrics_access: Literal["loopback", "authenticated", "public"] = "loopback"
+
+
 class LimitsConfig(_Strict):
     max_body_bytes: int = Field(default=MiB, ge=1024)
     # How long a plain (non-task) call is waited for before it must finish or become a task.
@@ -769,6 +779,7 @@ class GatewayConfig(_Strict):
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     a2a: A2AConfig = Field(default_factory=A2AConfig)
     tools: list[ToolConfig] = Field(default_factory=list)

@@ -25,8 +25,12 @@ from typing import Any, Protocol
 
 import grpc
 from google.protobuf import wrappers_pb2
+from opentelemetry.context import Context
+from opentelemetry.trace import Span
 
+from gateway import telemetry
 from gateway.audit import audit_obligations
+from gateway.metrics import GatewayMetrics
 from gateway.runtime import DurableRuntime
 from gateway.sidecar.protos import pb
 from gateway.workflow import APPROVAL_EVENT, INPUT_EVENT, WORKFLOW_NAME, failure
@@ -99,6 +103,7 @@ class CallView:
     # What the tool reported it used (e.g. token counts), once completed.
     usage: dict[str, float] | None = None
     audit: dict[str, Any] | None = field(default=None, repr=False)  # the call's audit level
+    front_door: str | None = None  # where the call came in
 
     @property
     def terminal(self) -> bool:
@@ -216,6 +221,14 @@ def _custom_status(raw: str | None) -> dict[str, Any]:
         return {"message": raw}
 
 
+def _decided(span: Span, metrics: GatewayMetrics, rule: str | None, effect: str) -> None:
+    """A policy decision, in the call's trace and the metrics."""
+    metrics.decision(rule, effect)
+    if span.is_recording():
+        span.set_attribute("duragate.policy.effect", effect)
+        span.set_attribute("duragate.policy.rule", rule or "")
+
+
 # --- the dispatcher -----------------------------------------------------------------------
 
 
@@ -228,32 +241,51 @@ class Dispatcher:
     status_interval: float = 1.0
     # Rate, concurrency and budget obligations; a call without them costs a few dict lookups.
     admission: Admission = field(default_factory=Admission)
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
 
     def tools_for(self, principal: Principal) -> list[Any]:
         """The tools this principal may see (list time)."""
         return [s for s in self.registry.specs() if self.policy.may_list(principal, s.name)]
 
+    def __post_init__(self) -> None:
+        # Tool labels of the metrics: the configured tools (read per call: reloads swap them).
+        self.metrics.tool.allowed = lambda name: self.registry.get(name) is not None
+
     async def submit(self, req: CallRequest) -> CallView:
-        """Validate, decide and schedule a call; returns at once with its task."""
+        """Validate, decide and schedule a call; returns at once with its task. Its steps are
+        spans of the call's trace (`req.trace_context`, the front door's span); a refusal is
+        counted in the metrics by its reason."""
+        try:
+            with telemetry.call_trace(req.trace_context):  # audit records carry the trace id
+                return await self._submit(req, telemetry.extract(req.trace_context))
+        except DispatchError as exc:
+            outcome = exc.code if exc.code in ("denied", "limited", "unavailable") else "refused"
+            self.metrics.call_refused(req.tool, req.principal.tenant, req.front_door, outcome)
+            raise
+
+    async def _submit(self, req: CallRequest, parent: Context | None) -> CallView:
         tool = self.registry.get(req.tool)
         if tool is None or not self.policy.may_list(req.principal, req.tool):
             self.audit.record("refused", req.principal, req.tool, reason="unknown_tool")
             raise DispatchError("unknown_tool", f"unknown tool {req.tool!r}")
-        try:
-            obligations = self.policy.check_call(req.principal, req.tool, req.arguments) or {}
-        except DispatchError as exc:
-            rule = exc.data.get("rule") if isinstance(exc.data, dict) else None
-            self.audit.record(
-                "denied",
-                req.principal,
-                req.tool,
-                rule=rule,
-                reason=exc.message,
-                arguments=req.arguments,
-                audit=exc.audit,
-            )
-            raise
-        decided = obligations.get("decision") or {}
+        with telemetry.span("duragate.policy", parent=parent) as span:
+            try:
+                obligations = self.policy.check_call(req.principal, req.tool, req.arguments) or {}
+            except DispatchError as exc:
+                rule = exc.data.get("rule") if isinstance(exc.data, dict) else None
+                _decided(span, self.metrics, rule, "deny")
+                self.audit.record(
+                    "denied",
+                    req.principal,
+                    req.tool,
+                    rule=rule,
+                    reason=exc.message,
+                    arguments=req.arguments,
+                    audit=exc.audit,
+                )
+                raise
+            decided = obligations.get("decision") or {}
+            _decided(span, self.metrics, decided.get("rule"), decided.get("effect", "allow"))
         audit = audit_obligations(obligations)
         try:
             self._validate(req)
@@ -289,13 +321,7 @@ class Dispatcher:
         else:
             task_id = secrets.token_hex(16)  # unguessable: the task id is a capability
         try:
-            ticket = await self.admission.acquire(
-                req.principal.tenant,
-                req.principal.id,
-                req.tool,
-                obligations,
-                hold_seconds=call_hold_seconds(call),
-            )
+            ticket = await self._admit(req, obligations, call, parent)
         except LimitExceeded as exc:
             # A replay spends nothing, so no limit refuses it: show the stored call (a key
             # reused with other arguments is a conflict, whatever the limits say).
@@ -320,11 +346,14 @@ class Dispatcher:
             data = {"limit": exc.limit, "retry_after_seconds": exc.retry_after_seconds}
             raise DispatchError("limited", exc.message, data) from None
         try:
-            if req.idempotency_key:
-                replay = await self._start_idempotent(task_id, call, digest, req.principal)
-            else:
-                replay = None
-                await self._schedule(task_id, call)
+            with telemetry.span("duragate.schedule", parent=parent) as span:
+                if span.is_recording():
+                    span.set_attribute("duragate.task.id", task_id)
+                if req.idempotency_key:
+                    replay = await self._start_idempotent(task_id, call, digest, req.principal)
+                else:
+                    replay = None
+                    await self._schedule(task_id, call)
         except BaseException:
             ticket.refund()  # nothing was started: the call spent nothing
             raise
@@ -356,6 +385,28 @@ class Dispatcher:
             context_id=req.context_id,
             arguments=req.arguments,
         )
+
+    async def _admit(
+        self,
+        req: CallRequest,
+        obligations: dict[str, Any],
+        call: dict[str, Any],
+        parent: Context | None,
+    ) -> Any:
+        with telemetry.span("duragate.admission", parent=parent) as span:
+            try:
+                return await self.admission.acquire(
+                    req.principal.tenant,
+                    req.principal.id,
+                    req.tool,
+                    obligations,
+                    hold_seconds=call_hold_seconds(call),
+                )
+            except LimitExceeded as exc:
+                self.metrics.limit_hit(exc.limit)
+                if span.is_recording():
+                    span.set_attribute("duragate.limit", exc.limit)
+                raise
 
     def _validate(self, req: CallRequest) -> None:
         try:
@@ -475,6 +526,7 @@ class Dispatcher:
             context_id=call.get("context_id"),
             arguments=call.get("arguments"),
             audit=call.get("audit"),
+            front_door=call.get("front_door"),
         )
         if custom.get("state") == "waiting_approval":
             view.state, view.waiting_for = CallState.INPUT_REQUIRED, "approval"
@@ -636,6 +688,7 @@ class Dispatcher:
         await self.runtime.client.terminate_workflow(task_id, output=output, recursive=True)
         self.admission.release(task_id)  # terminated: its slot is free whatever happens next
         self.audit.record("cancelled", principal, view.tool, task=task_id, audit=view.audit)
+        self.metrics.call_cancelled(view.tool, principal.tenant, view.front_door)
         for _ in range(50):
             view = await self.get(task_id, principal)
             if view.terminal:

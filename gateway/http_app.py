@@ -4,6 +4,7 @@
     /approvals, /approvals/{task_id}   calls waiting for approval; approve or deny
     /tasks/{task_id}/input             the input a waiting call asked for (its owner only)
     /healthz   200 while the process is up
+    /metrics   Prometheus metrics (gateway/metrics.py; who may read them: observability)
     /readyz    200 when the workflow engine answers, 503 otherwise
 
 Every request body above `limits.max_body_bytes` is refused with 413 before it is parsed.
@@ -45,11 +46,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway import telemetry
 from gateway.a2a_front import build_routes as a2a_routes
 from gateway.a2a_push import PushService
 from gateway.config import ConfigError, GatewayConfig, IdentityConfig
 from gateway.dispatch import Dispatcher, DispatchError
 from gateway.mcp_front import PRINCIPAL_SCOPE_KEY, McpFront
+from gateway.metrics_http import CountedAuthenticator, MetricsEndpoint
 from identity.authenticate import VIA_ANONYMOUS, AuthenticationError, Authenticator
 from identity.bundle import BundleError
 from identity.oauth import JwksError
@@ -239,7 +242,7 @@ class McpEndpoint:
         self._authenticator = build_authenticator(host.config)
 
     @property
-    def authenticator(self) -> Authenticator:
+    def authenticator(self) -> CountedAuthenticator:
         config = self.host.config
         if config.identity is not self._identity:
             changed = config.identity != self._identity
@@ -255,7 +258,8 @@ class McpEndpoint:
                         "previous ones:\n%s",
                         exc,
                     )
-        return self._authenticator
+        # Counted (metrics) and timed (the call's trace) wherever it is used.
+        return CountedAuthenticator(self._authenticator, getattr(self.host, "metrics", None))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -281,6 +285,7 @@ class McpEndpoint:
                 ",".join(principal.chain),
             )
         scope[PRINCIPAL_SCOPE_KEY] = principal
+        scope[telemetry.AUTH_SCOPE_KEY] = telemetry.last_auth()  # the MCP handler's own task
         if principal.via != VIA_ANONYMOUS:
             scope["user"] = session_user(principal)
         await self.manager.handle_request(scope, receive, send)
@@ -423,6 +428,18 @@ class TaskInputEndpoint:
         await JSONResponse(answer)(scope, receive, send)
 
 
+def _metrics_routes(host: HttpHost, guard: A2AGuard) -> list[Route]:
+    """`/metrics` (gateway/metrics.py), for a host that keeps metrics."""
+    if getattr(host, "metrics", None) is None:
+        return []
+
+    async def check_origin(request: Request) -> Response | None:
+        return await guard.security.validate_request(request, is_post=False)
+
+    endpoint = MetricsEndpoint(host, guard.authenticate, check_origin)  # type: ignore[arg-type]
+    return [Route("/metrics", endpoint, methods=["GET"])]
+
+
 def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
     """The ASGI app of one gateway. `front` is the MCP server for this transport."""
     manager = StreamableHTTPSessionManager(
@@ -480,6 +497,7 @@ def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
             Route("/.well-known/oauth-protected-resource", resource_metadata, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             *a2a_routes(host, guard.authenticate, guard.authenticate_optional, lambda: host.push),
+            *_metrics_routes(host, guard),
         ],
         lifespan=lifespan,
     )

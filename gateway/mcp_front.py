@@ -38,7 +38,7 @@ from mcp.shared.context import RequestContext
 from mcp.shared.exceptions import McpError
 
 from adapters.base import ToolSpec
-from gateway import __version__
+from gateway import __version__, telemetry
 from gateway.config import GatewayConfig
 from gateway.dispatch import CallRequest, CallState, CallView, Dispatcher, DispatchError
 from identity.principal import Principal
@@ -306,7 +306,48 @@ class McpFront:
     # -- tools/call
 
     async def _call_tool(self, req: types.CallToolRequest) -> types.ServerResult:
+        """One call, in a server span that continues the caller's trace (`_meta.traceparent`,
+        else the HTTP `traceparent` header); its context goes with the call to the workflow."""
         ctx = self.context()
+        name = req.params.name
+        known = self.dispatcher.registry.get(name) is not None
+        incoming = telemetry.carrier_from(_meta_of(req.params), _request_attr(ctx, "headers"))
+        scope = _request_attr(ctx, "scope")
+        span = telemetry.front_door_span(
+            f"tools/call {name}" if known else "tools/call",
+            carrier=incoming,
+            auth=scope.get(telemetry.AUTH_SCOPE_KEY) if isinstance(scope, dict) else None,
+            attributes={
+                "rpc.system": "jsonrpc",
+                "rpc.method": "tools/call",
+                "mcp.method.name": "tools/call",
+                "jsonrpc.request.id": str(ctx.request_id),
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": name[:128],
+                "duragate.front_door": self.front_door,
+            },
+        )
+        try:
+            result = await self._run_call(req, ctx, telemetry.carrier_of(span) or incoming)
+            if span.is_recording():
+                root = result.root
+                outcome = "task" if isinstance(root, types.CreateTaskResult) else "ok"
+                if getattr(root, "isError", False):
+                    outcome = "error"
+                span.set_attribute("duragate.outcome", outcome)
+            return result
+        except Exception as exc:
+            telemetry.failed(span, exc)
+            raise
+        finally:
+            span.end()
+
+    async def _run_call(
+        self,
+        req: types.CallToolRequest,
+        ctx: RequestContext[ServerSession, Any, Any],
+        trace: dict[str, str],
+    ) -> types.ServerResult:
         principal = self.principal(ctx)
         params = req.params
         spec = next(
@@ -321,6 +362,7 @@ class McpFront:
             principal=principal,
             front_door=self.front_door,
             idempotency_key=_idempotency_key(params),
+            trace_context=trace,
         )
         try:
             view = await self.dispatcher.submit(call)
@@ -379,6 +421,15 @@ def _cancelled_by_client(ctx: RequestContext[ServerSession, Any, Any]) -> bool:
     in_flight = getattr(ctx.session, "_in_flight", {})
     responder = in_flight.get(ctx.request_id)
     return bool(responder is not None and responder.cancelled)
+
+
+def _meta_of(params: types.CallToolRequestParams) -> dict[str, Any]:
+    return (params.meta.model_extra or {}) if params.meta is not None else {}
+
+
+def _request_attr(ctx: RequestContext[ServerSession, Any, Any], name: str) -> Any:
+    """An attribute of the HTTP request behind this MCP request (None over stdio)."""
+    return getattr(ctx.request, name, None)
 
 
 def _idempotency_key(params: types.CallToolRequestParams) -> str | None:

@@ -152,8 +152,10 @@ class DurableRuntime:
         engine: Any,
         db_path: Path,
         lookup: Callable[[str], Any],
+        observer: workflow.CallObserver | None = None,
     ) -> None:
         self.engine = engine
+        self.observer = observer  # told when each call's workflow ends (metrics)
         self.db_path = db_path
         self.lookup = lookup
         self.progress = ProgressHub()
@@ -195,7 +197,12 @@ class DurableRuntime:
                 self.address, http_endpoint=_http_endpoint(http) if http else None
             )
             workflow.register(
-                worker, self.lookup, self.progress, self.checkpoints, lambda: self.delegation
+                worker,
+                self.lookup,
+                self.progress,
+                self.checkpoints,
+                lambda: self.delegation,
+                observer=self.observer,
             )
             await asyncio.to_thread(worker.start)
             self._worker = worker

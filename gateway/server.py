@@ -29,12 +29,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import adapters
 from adapters.base import PreparedTool
-from gateway import paths
+from gateway import paths, telemetry
 from gateway.a2a_agents import check_agents
 from gateway.audit import AUDIT_FILE_NAME, AuditLog
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.delegation import Delegation
 from gateway.dispatch import AllowConfiguredTools, Dispatcher, Policy
+from gateway.metrics import GatewayMetrics
 from gateway.registry import Registry
 from gateway.runtime import DurableRuntime
 from gateway.state_client import StateClient
@@ -109,6 +110,7 @@ class Gateway:
         self._own: OwnIdentity | None = None
         self._audit: AuditLog | None = None
         self._budgets: DaprBudgets | None = None
+        self.metrics = GatewayMetrics()
 
     @property
     def config(self) -> GatewayConfig:
@@ -177,6 +179,10 @@ class Gateway:
 
     async def _start(self) -> None:
         adapters.set_data_dir(self.data_dir)  # before tools load: some keep files there
+        try:
+            telemetry.setup()  # from OTEL_* (off without them); once per process
+        except telemetry.TelemetryConfigError as exc:
+            raise GatewayStartError(str(exc)) from None
         registry = await asyncio.to_thread(Registry.from_config, self._config)
         check_agents(self._config)
         policy = await asyncio.to_thread(load_policy, self._config)
@@ -192,7 +198,10 @@ class Gateway:
         except OSError as exc:
             raise GatewayStartError(f"cannot open the audit log {audit_target}: {exc}") from None
         runtime = DurableRuntime(
-            self._config.engine, paths.engine_db_path(self.data_dir), self._lookup
+            self._config.engine,
+            paths.engine_db_path(self.data_dir),
+            self._lookup,
+            observer=self.metrics,
         )
         # Agent tools call other tools through the dispatcher, once it exists (below).
         runtime.delegation = Delegation(
@@ -217,7 +226,9 @@ class Gateway:
             policy=policy.engine,
             audit=audit,
             admission=Admission(budgets=self._budgets),
+            metrics=self.metrics,
         )
+        self._watch(policy, audit, runtime)
         self._audit = audit
         self._policy = policy
         if policy.store is not None:
@@ -230,6 +241,15 @@ class Gateway:
             # Tasks whose final state was not pushed yet (the gateway was down): push it now.
             await self._push.resume()
         log.info("gateway started: %d tool(s), data in %s", len(registry), self.data_dir)
+
+    def _watch(self, policy: LoadedPolicies, audit: AuditLog, runtime: DurableRuntime) -> None:
+        """What the metrics read from the parts of a started gateway."""
+        store = policy.store
+        if store is not None:  # tenant labels: the tenants that have a policy file
+            self.metrics.tenant.allowed = lambda tenant: store.get(tenant) is not None
+        self.metrics.watch_audit(lambda: audit.dropped)
+        embedded = self._config.engine.kind != "dapr"  # daprd's metrics are scraped on their own
+        self.metrics.engine_address = lambda: runtime.http_address if embedded else None
 
     async def _refresh_policies(self, store: PolicyStore) -> None:
         # A changed file is validated before it replaces the one in force; a broken one keeps
@@ -263,6 +283,7 @@ class Gateway:
         if audit is not None:
             await asyncio.to_thread(audit.close)  # what is pending is written first
         await self._stop_own()
+        await asyncio.to_thread(telemetry.flush)
 
     async def reload(self, config: GatewayConfig) -> None:
         """Swap in the tools (and limits, identity settings) of `config` and tell every live

@@ -15,16 +15,21 @@ input. What the tool reports as usage comes back as `"usage"` next to the result
 from __future__ import annotations
 
 import json
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Generator
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import dapr.ext.workflow as wf
+from opentelemetry.trace import Span
 
 from adapters.base import InputRequired, SuppliedInput, ToolContext, ToolError
 from adapters.checkpoints import CheckpointStore
+from gateway import telemetry
 from gateway.progress import ProgressHub
+
+log = logging.getLogger(__name__)
 
 WORKFLOW_NAME = "duragate.call"
 ACTIVITY_NAME = "duragate.tool"
@@ -94,6 +99,8 @@ def call_workflow(ctx: wf.DaprWorkflowContext, call: dict[str, Any]) -> Generato
         }
         if supplied is not None:
             activity_input["input"] = supplied
+        if call.get("trace"):
+            activity_input["trace"] = call["trace"]  # each attempt joins the caller's trace
         activity: Any = ctx.call_activity(ACTIVITY_NAME, input=activity_input, retry_policy=policy)
         timeout = float(call["timeout_seconds"])
         timer = ctx.create_timer(timedelta(seconds=timeout))
@@ -213,6 +220,29 @@ def make_tool_activity(
         attempts[execution_id] = attempt
         if len(attempts) > 10_000:
             attempts.popitem(last=False)
+        # Each attempt is a span of its own, a child of the call's front door span (carried in
+        # the workflow input, so even after a gateway restart), parent of upstream calls.
+        with telemetry.span(
+            f"duragate.tool {name}",
+            parent=telemetry.extract(inp.get("trace")),
+            attributes={
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": name,
+                "duragate.task.id": ctx.workflow_id,
+                "duragate.attempt": attempt,
+            },
+        ) as span:
+            return await _run_tool(tool, name, inp, ctx, execution_id, attempt, span)
+
+    async def _run_tool(
+        tool: Any,
+        name: str,
+        inp: dict[str, Any],
+        ctx: wf.WorkflowActivityContext,
+        execution_id: str,
+        attempt: int,
+        span: Span,
+    ) -> Any:
         supplied = inp.get("input")
         delegated = delegation() if delegation is not None else None
         principal = inp.get("principal")
@@ -234,9 +264,12 @@ def make_tool_activity(
         try:
             result = await tool.invoke(inp["arguments"], context)
         except ToolError as exc:
+            telemetry.failed(span, "tool_error")
             payload = {"type": "tool_error", "message": exc.message, "data": exc.data}
             raise NonRetryableError(json.dumps(payload, default=str)) from exc
         except InputRequired as exc:
+            if span.is_recording():
+                span.set_attribute("duragate.outcome", "input_required")
             if not inp.get("envelope"):  # a workflow of an older version cannot wait for input
                 message = f"{name} asked for input, which this call cannot wait for"
                 payload = {"type": "tool_error", "message": message, "data": exc.payload}
@@ -250,9 +283,41 @@ def make_tool_activity(
         answer = {"envelope": 1, "result": result}
         if context.usage:
             answer["usage"] = context.usage
+            _usage_attributes(span, context.usage)
         return answer
 
     return duragate_tool
+
+
+def _usage_attributes(span: Span, usage: dict[str, float]) -> None:
+    """Token counts a tool reported (an LLM behind it), as GenAI usage attributes."""
+    if not span.is_recording():
+        return
+    for key, attribute in (
+        ("prompt_tokens", "gen_ai.usage.input_tokens"),
+        ("completion_tokens", "gen_ai.usage.output_tokens"),
+    ):
+        if isinstance(usage.get(key), int | float):
+            span.set_attribute(attribute, int(usage[key]))
+
+
+class CallObserver(Protocol):
+    """Told when a call's workflow ends (gateway.metrics.GatewayMetrics)."""
+
+    def call_ended(self, call: dict[str, Any], output: Any, seconds: float | None) -> None: ...
+
+
+def _observed(
+    ctx: wf.DaprWorkflowContext, call: dict[str, Any], output: Any, started: Any, observer: Any
+) -> None:
+    # Replays re-run the workflow code: only the turn that really ends the call reports it.
+    if observer is None or ctx.is_replaying:
+        return
+    try:
+        seconds = (ctx.current_utc_datetime - started).total_seconds()
+        observer.call_ended(call, output, seconds)
+    except Exception:  # noqa: BLE001 - metrics never fail a call
+        log.exception("the end of a call could not be counted")
 
 
 def register(
@@ -261,13 +326,17 @@ def register(
     hub: ProgressHub,
     checkpoints: CheckpointStore | None = None,
     delegation: Callable[[], Any] | None = None,
+    observer: CallObserver | None = None,
 ) -> None:
     # A fresh function per runtime: the SDK marks a registered function and refuses it in a
     # second runtime of the same process (tests, a reloaded gateway).
     def duragate_call(
         ctx: wf.DaprWorkflowContext, call: dict[str, Any]
     ) -> Generator[Any, Any, Any]:
-        return (yield from call_workflow(ctx, call))
+        started = ctx.current_utc_datetime  # the workflow's own clock: the same on replay
+        output = yield from call_workflow(ctx, call)
+        _observed(ctx, call, output, started, observer)
+        return output
 
     runtime.register_workflow(duragate_call, name=WORKFLOW_NAME)
     runtime.register_activity(

@@ -20,7 +20,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,6 +281,10 @@ class Engine:
         self._prefer_activity = False
         self._closing = False
         self._started = False
+        # For metrics (gateway.sidecar.metrics): instances finished since start, by status, and
+        # who is told each workflow turn's latency (dispatch to a worker until its answer).
+        self.finished_counts: dict[int, int] = {}
+        self.turn_observer: Callable[[float], None] | None = None
 
     # --- life cycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -622,6 +626,8 @@ class Engine:
                 f"the completion token belongs to '{d.instance_id}', not '{res.instanceId}'"
             )
         self._forget(d)
+        if self.turn_observer is not None:
+            self.turn_observer(time.monotonic() - d.at)
         inst = self._instances.get(d.instance_id)
         if inst is None or inst.dispatch is not d:
             return
@@ -776,6 +782,7 @@ class Engine:
         else:
             st.ClearField("failureDetails")
         st.completedTimestamp.CopyFrom(now_timestamp())
+        self.finished_counts[status] = self.finished_counts.get(status, 0) + 1
         self._save_instance(inst, ops)
         ops.append(("DELETE FROM wf_inbox WHERE instance_id = ?", (inst.id,)))
         ops.append(("DELETE FROM wf_activities WHERE instance_id = ?", (inst.id,)))
@@ -1216,6 +1223,11 @@ class Engine:
         return [pb.HistoryEvent.FromString(b) for b in blobs]
 
     # --- introspection (metrics, tests) ---------------------------------------------------
+    def live_states(self) -> Iterator[tuple[int, str, str]]:
+        """(status, workflow name, custom status) of each live instance: in memory, no I/O."""
+        for inst in list(self._instances.values()):
+            yield inst.live_status(), inst.state.name, inst.state.customStatus.value
+
     def stats(self) -> dict[str, int]:
         return {
             "live_instances": len(self._instances),

@@ -2,22 +2,26 @@
 
 `DaprClient` polls `GET /v1.0/healthz/outbound` before its first call; daprd also serves
 `GET /v1.0/healthz`. Both answer 204 when the sidecar is ready and 500 otherwise. Like daprd,
-they do not require the API token. Nothing else is served over HTTP.
+they do not require the API token. `GET /metrics` serves the engine's Prometheus metrics
+(gateway/sidecar/metrics.py); it does require the API token when one is set (header
+`dapr-api-token`). Nothing else is served over HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import math
 import socket
 from collections.abc import Callable, Iterator
 
 import uvicorn
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 logger = logging.getLogger(__name__)
@@ -25,16 +29,28 @@ logger = logging.getLogger(__name__)
 STARTUP_TIMEOUT_SECONDS = 10.0
 
 
-def create_health_app(is_ready: Callable[[], bool]) -> Starlette:
+def create_health_app(
+    is_ready: Callable[[], bool],
+    metrics: Callable[[], bytes] | None = None,
+    token: str = "",
+) -> Starlette:
     async def healthz(request: Request) -> Response:
         return Response(status_code=204 if is_ready() else 500)
 
-    return Starlette(
-        routes=[
-            Route("/v1.0/healthz", healthz, methods=["GET"]),
-            Route("/v1.0/healthz/outbound", healthz, methods=["GET"]),
-        ]
-    )
+    async def scrape(request: Request) -> Response:
+        assert metrics is not None
+        offered = request.headers.get("dapr-api-token", "")
+        if token and not hmac.compare_digest(offered.encode(), token.encode()):
+            return PlainTextResponse("send the API token in the dapr-api-token header", 401)
+        return Response(metrics(), media_type=CONTENT_TYPE_LATEST)
+
+    routes = [
+        Route("/v1.0/healthz", healthz, methods=["GET"]),
+        Route("/v1.0/healthz/outbound", healthz, methods=["GET"]),
+    ]
+    if metrics is not None:
+        routes.append(Route("/metrics", scrape, methods=["GET"]))
+    return Starlette(routes=routes)
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -71,9 +87,19 @@ def bind_tcp(address: str) -> socket.socket:
 class HealthServer:
     """Serves the health app on `listen` until stop()."""
 
-    def __init__(self, listen: str, is_ready: Callable[[], bool], *, grace: float = 2.0) -> None:
+    def __init__(
+        self,
+        listen: str,
+        is_ready: Callable[[], bool],
+        *,
+        grace: float = 2.0,
+        metrics: Callable[[], bytes] | None = None,
+        token: str = "",
+    ) -> None:
         self._listen = listen
         self._is_ready = is_ready
+        self._metrics = metrics
+        self._token = token
         self._grace = grace
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -88,7 +114,7 @@ class HealthServer:
         # getaddrinfo() may block on a resolver: not on the event loop.
         sock = await asyncio.to_thread(bind_tcp, self._listen)
         config = uvicorn.Config(
-            create_health_app(self._is_ready),
+            create_health_app(self._is_ready, self._metrics, self._token),
             # No log_config: the host application owns logging configuration.
             log_config=None,
             access_log=False,

@@ -30,6 +30,7 @@ from pydantic import SecretStr
 
 from .engine import Engine
 from .health import HealthServer
+from .metrics import EngineMetrics
 from .protos import runtime_grpc, workflow_grpc
 from .settings import MiB, SidecarSettings
 from .state_service import StateServicer
@@ -278,7 +279,14 @@ class Sidecar:
         self._grpc_address = self._app_addresses[settings.app_id]
 
         if settings.http_listen:
-            health = HealthServer(settings.http_listen, lambda: self._ready)
+            metrics = EngineMetrics(lambda: self._engine)
+            metrics.attach(self._engine)
+            health = HealthServer(
+                settings.http_listen,
+                lambda: self._ready,
+                metrics=metrics.exposition,
+                token=token,
+            )
             self._health = health
             try:
                 await health.start()
