@@ -52,9 +52,11 @@ import httpx
 from pydantic_core import to_jsonable_python
 
 import adapters
+from adapters._outbound import OAuthTokens
 from adapters._targets import check_options
 from adapters.base import InputRequired, ToolContext, ToolError, ToolLoadError, ToolSpec
 from gateway.config import ToolConfig
+from identity.outbound import OutboundAuthError
 
 CARD_PATH = "/.well-known/agent-card.json"
 BINDINGS = ("JSONRPC", "HTTP+JSON")
@@ -70,6 +72,9 @@ OPTIONS: dict[str, type | tuple[type, ...]] = {
     # with `jwt_audience` a JWT-SVID for that audience as the bearer token.
     "identity": str,
     "jwt_audience": str,
+    # An access token for the gateway itself from an authorization server (client credentials):
+    # {token_endpoint, client_id, client_secret_env, scope, resource, audience}.
+    "oauth": dict,
 }
 HEADER_NAME_RE = re.compile(r"[A-Za-z0-9-]{1,100}")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
@@ -119,7 +124,24 @@ class A2AAdapter:
                     "holding its value"
                 )
         _check_identity(name, config.target, options)
-        tool = A2ATool(config, options)
+        oauth = None
+        if "oauth" in options:
+            if "jwt_audience" in options:
+                raise ToolLoadError(f"tool {name!r}: oauth and jwt_audience both set the token")
+            host = urlsplit(config.target).hostname or ""
+            if not config.target.startswith("https://") and host not in (
+                "127.0.0.1",
+                "localhost",
+                "::1",
+            ):
+                raise ToolLoadError(
+                    f"tool {name!r}: access tokens are sent only over https (or to loopback)"
+                )
+            try:
+                oauth = OAuthTokens(options["oauth"])
+            except ToolLoadError as exc:
+                raise ToolLoadError(f"tool {name!r}: {exc}") from None
+        tool = A2ATool(config, options, oauth)
         tool.load_card()
         return tool
 
@@ -166,9 +188,12 @@ def _short(text: str) -> str:
 
 
 class A2ATool:
-    def __init__(self, config: ToolConfig, options: dict[str, Any]) -> None:
+    def __init__(
+        self, config: ToolConfig, options: dict[str, Any], oauth: OAuthTokens | None = None
+    ) -> None:
         self._config = config
         self._options = options
+        self._oauth = oauth
         self._card_url = card_url(config.target)
         self._timeout = float(options.get("request_timeout_seconds", DEFAULT_REQUEST_TIMEOUT))
         self._poll = float(options.get("poll_seconds", DEFAULT_POLL_SECONDS))
@@ -203,6 +228,11 @@ class A2ATool:
         own = adapters.own_identity()
         if audience and own is not None:
             headers["Authorization"] = f"Bearer {await own.jwt_svid(audience)}"
+        if self._oauth is not None:
+            try:
+                headers["Authorization"] = f"Bearer {await self._oauth.token()}"
+            except OutboundAuthError as exc:  # the server refused or is down: retried
+                raise RuntimeError(f"no access token for {self._card_url}: {exc}") from None
         return headers
 
     def load_card(self) -> None:

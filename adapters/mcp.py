@@ -64,9 +64,11 @@ from mcp.client.streamable_http import streamable_http_client
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import adapters
+from adapters._outbound import OAuthTokens
 from adapters.base import ToolContext, ToolError, ToolLoadError, ToolSpec
 from gateway import __version__, telemetry
 from gateway.config import ToolConfig
+from identity.outbound import OutboundAuthError
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,9 @@ class McpOptions(BaseModel):
     # X.509-SVID for mTLS over https, and a JWT-SVID for `jwt_audience` as a bearer token.
     identity: Literal["own"] | None = None
     jwt_audience: str | None = Field(default=None, min_length=1)
+    # An OAuth access token for the gateway itself (client credentials, RFC 6749 4.4) from this
+    # authorization server, sent as the bearer token (identity.outbound.OutboundOAuthConfig).
+    oauth: dict[str, Any] | None = None
 
 
 def client_tls(options: TlsOptions) -> ssl.SSLContext:
@@ -234,6 +239,7 @@ class McpTool:
         self.call_timeout = self.options.call_timeout_seconds or config.timeout_seconds
         self._stdio: StdioServerParameters | None = None
         self._headers: dict[str, str] = {}
+        self._oauth: OAuthTokens | None = None
         target = config.target.strip()
         if target.startswith(STDIO_PREFIX):
             self.where = target
@@ -245,7 +251,12 @@ class McpTool:
 
     # --- start-up -----------------------------------------------------------------------
     def _stdio_params(self, target: str) -> StdioServerParameters:
-        if self.options.headers_from_env or self.options.bearer_token_env or self.options.tls:
+        if (
+            self.options.headers_from_env
+            or self.options.bearer_token_env
+            or self.options.tls
+            or self.options.oauth
+        ):
             raise ToolLoadError("headers and tls apply to an MCP server over HTTP, not over stdio")
         try:
             argv = shlex.split(target[len(STDIO_PREFIX) :])
@@ -297,6 +308,17 @@ class McpTool:
                 )
         elif self.options.jwt_audience:
             raise ToolLoadError("jwt_audience needs identity: own")
+        if self.options.oauth is not None:
+            if self.options.bearer_token_env or self.options.jwt_audience:
+                raise ToolLoadError(
+                    "oauth gets the bearer token: leave out bearer_token_env and jwt_audience"
+                )
+            if parts.scheme != "https" and not _is_loopback(parts.hostname):
+                raise ToolLoadError(
+                    f"target {url!r}: access tokens are sent only over https (or to a loopback "
+                    "host)"
+                )
+            self._oauth = OAuthTokens(self.options.oauth)
         tls = self.options.tls
         if tls is not None:
             if parts.scheme != "https":
@@ -379,6 +401,12 @@ class McpTool:
             if self.options.jwt_audience:
                 token = await own.jwt_svid(self.options.jwt_audience)
                 headers["Authorization"] = f"Bearer {token}"
+        if self._oauth is not None:
+            try:
+                token = await self._oauth.token()
+            except OutboundAuthError as exc:
+                raise RemoteCallError(f"no access token for {self.where}: {exc}") from None
+            headers["Authorization"] = f"Bearer {token}"
         async with httpx.AsyncClient(headers=headers, timeout=timeout, verify=verify) as http:
             async with streamable_http_client(self.where, http_client=http) as (read, write, _):
                 async with ClientSession(

@@ -313,3 +313,34 @@ def test_the_gateways_own_identity_needs_identity_own() -> None:
         adapter.prepare(ToolConfig(name="t", kind="a2a", target=url, options={"jwt_audience": "x"}))
     with pytest.raises(ToolLoadError, match="can only be 'own'"):
         adapter.prepare(ToolConfig(name="t", kind="a2a", target=url, options={"identity": "mine"}))
+
+
+def test_oauth_options_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter = adapter_for("a2a")
+    url = "https://agents.example/"
+    monkeypatch.delenv("A2A_SECRET", raising=False)
+    oauth = {"token_endpoint": "https://idp.example/token", "client_id": "gw"}
+    with pytest.raises(ToolLoadError, match="A2A_SECRET"):
+        adapter.prepare(
+            ToolConfig(
+                name="t",
+                kind="a2a",
+                target=url,
+                options={"oauth": {**oauth, "client_secret_env": "A2A_SECRET"}},
+            )
+        )
+    with pytest.raises(ToolLoadError, match="oauth.token_endpoint"):
+        adapter.prepare(
+            ToolConfig(
+                name="t",
+                kind="a2a",
+                target=url,
+                options={"oauth": {**oauth, "token_endpoint": "http://idp.example/token"}},
+            )
+        )
+    with pytest.raises(ToolLoadError, match="only over https"):
+        adapter.prepare(
+            ToolConfig(
+                name="t", kind="a2a", target="http://agents.example/", options={"oauth": oauth}
+            )
+        )

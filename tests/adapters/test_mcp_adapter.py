@@ -571,6 +571,58 @@ async def test_the_gateway_presents_its_own_identity_from_its_config(
     assert f"principal={CALLER} tenant=team-a" in remote.log_path.read_text()
 
 
+async def test_an_access_token_from_client_credentials(
+    gateways: GatewayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`options.oauth`: the gateway gets an access token for itself from an authorization
+    server (client credentials) and a remote Duragate that trusts that server accepts it."""
+    from tests.identity.oauth_server import AuthServer
+
+    monkeypatch.setenv("SIDE_EFFECTS_FILE", str(tmp_path / "effects.txt"))
+    monkeypatch.setenv("REMOTE_CLIENT_SECRET", "s3cret")
+    audience = "https://remote.example/mcp"
+    with AuthServer() as idp:
+        remote_dir = tmp_path / "remote"
+        remote_dir.mkdir()
+        remote_config = {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "identity": {
+                "trust_domain": "example.org",
+                "allow_anonymous": False,
+                "oauth": [{"issuer": idp.issuer, "audience": audience, "tenant": "partners"}],
+            },
+            "tools": [
+                {"name": "record", "kind": "python", "target": "tests.adapters.side_effects:record"}
+            ],
+        }
+        (remote_dir / "gateway.yaml").write_text(yaml.safe_dump(remote_config))
+        remote = gateways(remote_dir / "gateway.yaml", data_dir=remote_dir / "data")
+        oauth = {
+            "token_endpoint": idp.token_endpoint,
+            "client_id": "gateway",
+            "client_secret_env": "REMOTE_CLIENT_SECRET",
+            "resource": audience,
+        }
+        tool = ADAPTER.prepare(mcp_config("record", remote.url, options={"oauth": oauth}))
+        assert await tool.invoke({"note": "oauth"}, context("exec-oauth")) == {
+            "note": "oauth",
+            "runs": 1,
+        }
+        # The token is cached: the second call asks the authorization server nothing new.
+        asked = len(idp.token_requests)
+        again = await tool.invoke({"note": "again"}, context("exec-oauth-2"))
+        assert again["note"] == "again"
+        assert len(idp.token_requests) == asked
+    assert "principal=spiffe://example.org/user/gateway tenant=partners" in (
+        remote.log_path.read_text()
+    )
+    monkeypatch.delenv("REMOTE_CLIENT_SECRET")
+    with pytest.raises(ToolLoadError, match="REMOTE_CLIENT_SECRET"):
+        ADAPTER.prepare(
+            mcp_config("x", remote.url, input_schema={"type": "object"}, options={"oauth": oauth})
+        )
+
+
 def test_own_identity_options_are_checked() -> None:
     schema = {"type": "object"}
     url = "https://127.0.0.1:1/mcp"
