@@ -602,6 +602,24 @@ class AuditConfig(_Strict):
     max_pending: int = Field(default=10_000, ge=1)
 
 
+class AdminConfig(_Strict):
+    """Who may use the admin API (`/admin/api`) and the dashboard (`/ui`) for every tenant:
+    SPIFFE ID patterns (`*` one segment, `**` any number). Tenant policy files name the admins
+    of one tenant (`admins:`). The anonymous principal counts only on a loopback listener."""
+
+    principals: list[str] = Field(default_factory=list)
+
+    @field_validator("principals")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                SpiffeIdPattern.parse(pattern)
+            except SpiffeIdError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
 class LimitsConfig(_Strict):
     max_body_bytes: int = Field(default=MiB, ge=1024)
     # How long a plain (non-task) call is waited for before it must finish or become a task.
@@ -750,6 +768,7 @@ class GatewayConfig(_Strict):
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     a2a: A2AConfig = Field(default_factory=A2AConfig)
     tools: list[ToolConfig] = Field(default_factory=list)

@@ -3,6 +3,8 @@
     /mcp       MCP Streamable HTTP (stateful sessions, SSE responses so progress flows)
     /approvals, /approvals/{task_id}   calls waiting for approval; approve or deny
     /tasks/{task_id}/input             the input a waiting call asked for (its owner only)
+    /admin/api/..., /admin/openapi.json   the admin API (gateway.admin_api)
+    /ui        the dashboard (gateway.dashboard)
     /healthz   200 while the process is up
     /readyz    200 when the workflow engine answers, 503 otherwise
 
@@ -47,7 +49,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.a2a_front import build_routes as a2a_routes
 from gateway.a2a_push import PushService
+from gateway.admin_api import AdminApi
 from gateway.config import ConfigError, GatewayConfig, IdentityConfig
+from gateway.dashboard import dashboard_routes
 from gateway.dispatch import Dispatcher, DispatchError
 from gateway.mcp_front import PRINCIPAL_SCOPE_KEY, McpFront
 from identity.authenticate import VIA_ANONYMOUS, AuthenticationError, Authenticator
@@ -439,6 +443,14 @@ def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
     guard = A2AGuard(mcp, listen_host)
 
     task_input = TaskInputEndpoint(host, mcp, listen_host)
+    # The admin API and the dashboard (gateway.admin_api, gateway.dashboard).
+    admin = AdminApi(
+        host,
+        lambda: mcp.authenticator,
+        TransportSecurityMiddleware(transport_security(listen_host)),
+        lambda exc, request: refusal(exc, _metadata_url(host, request.scope)),
+        is_loopback(listen_host),
+    )
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -480,6 +492,8 @@ def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
             Route("/.well-known/oauth-protected-resource", resource_metadata, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             *a2a_routes(host, guard.authenticate, guard.authenticate_optional, lambda: host.push),
+            *admin.routes(),
+            *dashboard_routes(),
         ],
         lifespan=lifespan,
     )
