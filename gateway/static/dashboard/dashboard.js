@@ -107,6 +107,8 @@
     return params;
   }
 
+  let shownCalls = null;
+
   async function loadCalls() {
     const params = callQuery();
     let calls = [];
@@ -120,6 +122,9 @@
       pages += 1;
     } while (cursor && pages < MAX_PAGES && calls.length < 100);
     calls.sort((a, b) => (a.created_at < b.created_at ? 1 : -1));
+    const signature = JSON.stringify([selected, calls.map((c) => [c.task_id, c.state, c.message, c.updated_at])]);
+    if (signature === shownCalls) return;
+    shownCalls = signature;
     $("calls-note").textContent = cursor ? "showing the first " + calls.length + " found" : calls.length + " call(s)";
     const body = $("calls").tBodies[0];
     clear(body);
@@ -131,6 +136,7 @@
       tr.dataset.state = call.state;
       tr.addEventListener("click", () => {
         selected = call.task_id;
+        shownCalls = null;
         refresh();
       });
       body.appendChild(tr);
@@ -249,12 +255,19 @@
       showError(null);
     } catch (e) {
       showError("Decision refused: " + e.message);
+      shownApprovals = null; // re-enable the buttons
     }
     refresh();
   }
 
+  let shownApprovals = null; // what the table shows, so a poll with no change leaves it alone
+
   async function loadApprovals() {
     const page = await api("/admin/api/approvals?limit=100");
+    // Re-render only on change: a reason being typed must survive the polls.
+    const signature = JSON.stringify(page.approvals.map((a) => [a.task_id, a.may_decide]));
+    if (signature === shownApprovals) return;
+    shownApprovals = signature;
     const body = $("approvals").tBodies[0];
     clear(body);
     $("approvals-count").textContent = page.approvals.length ? "(" + page.approvals.length + ")" : "";
@@ -343,18 +356,23 @@
     $("token-save").addEventListener("click", () => {
       const value = $("token-input").value.trim();
       if (value && value !== "********") sessionStorage.setItem(TOKEN_KEY, value);
+      shownCalls = shownApprovals = null;
       $("token-input").value = value ? "********" : "";
       refreshStatic();
       refresh();
     });
     $("token-clear").addEventListener("click", () => {
       sessionStorage.removeItem(TOKEN_KEY);
+      shownCalls = shownApprovals = null;
       $("token-input").value = "";
       refreshStatic();
       refresh();
     });
     for (const id of ["filter-status", "filter-tenant", "filter-tool"]) {
-      $(id).addEventListener("change", refresh);
+      $(id).addEventListener("change", () => {
+        shownCalls = null;
+        refresh();
+      });
     }
     refreshStatic();
     refresh();
