@@ -92,8 +92,11 @@ def query_audit(
         read = 0
         while pos > 0:
             if read >= max_bytes:
-                # Stopped between blocks: the partial line in `carry` is read again next time.
-                return records, str(pos + len(carry)), read
+                # Stopped between blocks: the partial line in `carry` is read again next time,
+                # unless it alone is longer than a whole read (then it is skipped: a request
+                # must make progress).
+                resume = pos + len(carry)
+                return records, str(resume if resume < end else pos), read
             step = min(BLOCK, pos)
             pos -= step
             handle.seek(pos)

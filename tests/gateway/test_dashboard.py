@@ -25,7 +25,7 @@ import pytest
 import yaml
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from identity.dev_ca import DevCA
+from identity.dev_ca import DevCA, write_x509_svid
 from tests.gateway.conftest import (
     TEST_CONFIG,
     GatewayFactory,
@@ -245,3 +245,51 @@ def test_a_pasted_bearer_token(spawn_gateway: GatewayFactory, tmp_path: Path) ->
             expect(page.locator("#calls tr.call", has_text="add")).to_have_count(1, timeout=WAIT_MS)
             assert page.evaluate("sessionStorage.getItem('duragate.token')").count(".") == 2
             assert page.locator("#token-input").input_value() == "********"
+
+
+def test_a_browser_client_certificate(spawn_gateway: GatewayFactory, tmp_path: Path) -> None:
+    """Over mTLS, the browser's client certificate (an X.509-SVID) is the admin's identity."""
+    ca = DevCA.create(tmp_path / "ca", "example.org")
+    server, server_key = ca.issue_x509_svid(
+        "spiffe://example.org/duragate",
+        timedelta(hours=1),
+        server_names=["127.0.0.1", "localhost"],
+        for_server=True,
+    )
+    write_x509_svid(tmp_path / "server.pem", tmp_path / "server.key", server, server_key)
+    client, client_key = ca.issue_x509_svid("spiffe://example.org/ops/carol", timedelta(hours=1))
+    write_x509_svid(tmp_path / "carol.pem", tmp_path / "carol.key", client, client_key)
+    config = yaml.safe_load(TEST_CONFIG.read_text())
+    config["listen"] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "tls": {"cert": "server.pem", "key": "server.key", "client_certs": "optional"},
+    }
+    config["identity"] = {
+        "trust_domain": "example.org",
+        "allow_anonymous": False,
+        "bundles": {"example.org": str(tmp_path / "ca" / "bundle.json")},
+    }
+    config["admin"] = {"principals": ["spiffe://example.org/ops/*"]}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    gateway = spawn_gateway(config=path)
+    assert gateway.base.startswith("https://")
+    with browser() as chromium:
+        context = chromium.new_context(
+            ignore_https_errors=True,  # the development CA is not in the browser's store
+            client_certificates=[
+                {
+                    "origin": gateway.base,
+                    "certPath": str(tmp_path / "carol.pem"),
+                    "keyPath": str(tmp_path / "carol.key"),
+                }
+            ],
+        )
+        page = context.new_page()
+        with screenshot_on_failure(page, tmp_path, gateway):
+            page.goto(f"{gateway.base}/ui")
+            expect(page.locator("#who")).to_contain_text(
+                "spiffe://example.org/ops/carol (x509-svid)", timeout=WAIT_MS
+            )
+            expect(page.locator("#tools tbody")).to_contain_text("word_count", timeout=WAIT_MS)
