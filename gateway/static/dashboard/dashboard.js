@@ -5,7 +5,7 @@
 
 (function () {
   const POLL_MS = 1500;
-  const MAX_PAGES = 5; // cursor pages followed per refresh of the call list (bounded work)
+  const MAX_PAGES = 3; // cursor pages followed per refresh of the call list (bounded work)
   const TOKEN_KEY = "duragate.token";
   let selected = null; // the task id shown in the detail panel
   let timer = null;
