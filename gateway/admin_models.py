@@ -236,10 +236,12 @@ def _json(model: type[BaseModel]) -> dict[str, Any]:
 _ERRORS = {
     "400": "a parameter or the body is not valid (the parameter is named)",
     "401": "not authenticated (RFC 6750 challenge)",
-    "403": "authenticated but not an admin, or not allowed this tenant or decision",
+    "403": "authenticated but not an admin, or not allowed this tenant or decision; or "
+    "(text/plain) an Origin that is not allowed",
     "404": "no such call among the tenants this admin sees",
     "409": "the call is not waiting for that",
     "413": "the body is larger than limits.max_body_bytes",
+    "421": "a Host that is not allowed (DNS-rebinding protection on loopback)",
     "503": "the workflow engine does not answer",
 }
 
@@ -248,6 +250,12 @@ def _responses(ok: type[BaseModel], *codes: str) -> dict[str, Any]:
     answers: dict[str, Any] = {"200": {"description": "OK", "content": _json(ok)}}
     for code in ("400", "401", "403", *codes, "503"):
         answers[code] = {"description": _ERRORS[code], "content": _json(ErrorBody)}
+    # The Host/Origin checks (the mcp SDK's, shared with /mcp) answer in plain text.
+    answers["403"]["content"]["text/plain"] = {"schema": {"type": "string"}}
+    answers["421"] = {
+        "description": _ERRORS["421"],
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
     return answers
 
 

@@ -258,3 +258,26 @@ def test_timeline_attempts_retries_and_events() -> None:
     assert line.started is not None and line.ended is not None
     assert (line.ended - line.started).total_seconds() == 4.5
     assert len(line.history) == len(events) and not line.truncated
+
+
+# --- packaging ----------------------------------------------------------------------------
+
+
+def test_dashboard_files_ship_in_the_wheel_and_the_image() -> None:
+    import fnmatch
+    import tomllib
+
+    from gateway import dashboard
+
+    root = Path(__file__).resolve().parents[2]
+    package = root / "gateway"
+    files = sorted(p.relative_to(package) for p in (package / "static").rglob("*") if p.is_file())
+    assert files, "no dashboard files"
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["gateway"]
+    for file in files:
+        assert any(fnmatch.fnmatch(str(file), g) for g in globs), f"{file} is not package data"
+    # Every file is served, and only those.
+    assert {f.name for f in files} == set(dashboard.ASSETS)
+    assert "COPY gateway ./gateway" in (root / "Dockerfile").read_text()
