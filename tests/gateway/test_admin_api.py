@@ -319,6 +319,11 @@ def test_approvals_list_approve_and_deny(setup: Setup) -> None:
     assert answer.status_code == 200 and answer.json()["approved"] is False
     answer = setup.post(LEAD, f"/admin/api/approvals/{waiting}/approve", {"reason": "fine"})
     assert answer.status_code == 200 and answer.json()["approved"] is True
+    # The workflow takes the decision asynchronously: once it has, the call waits no more.
+    deadline = time.monotonic() + 60
+    while setup.get(LEAD, f"/admin/api/calls/{waiting}").json()["state"] == "input_required":
+        assert time.monotonic() < deadline, setup.gateway.log()
+        time.sleep(0.2)
     again = setup.post(LEAD, f"/admin/api/approvals/{waiting}/approve", {})
     assert again.status_code == 409 and again.json()["error"] == "not_waiting"
 
