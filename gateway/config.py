@@ -631,6 +631,24 @@ class ObservabilityConfig(_Strict):
     metrics_access: Literal["loopback", "authenticated", "public"] = "loopback"
 
 
+class AdminConfig(_Strict):
+    """Who may use the admin API (`/admin/api`) and the dashboard (`/ui`) for every tenant:
+    SPIFFE ID patterns (`*` one segment, `**` any number). Tenant policy files name the admins
+    of one tenant (`admins:`). The anonymous principal counts only on a loopback listener."""
+
+    principals: list[str] = Field(default_factory=list)
+
+    @field_validator("principals")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                SpiffeIdPattern.parse(pattern)
+            except SpiffeIdError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
 class LimitsConfig(_Strict):
     max_body_bytes: int = Field(default=MiB, ge=1024)
     # How long a plain (non-task) call is waited for before it must finish or become a task.
@@ -780,6 +798,7 @@ class GatewayConfig(_Strict):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     a2a: A2AConfig = Field(default_factory=A2AConfig)
     tools: list[ToolConfig] = Field(default_factory=list)

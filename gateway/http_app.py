@@ -3,6 +3,8 @@
     /mcp       MCP Streamable HTTP (stateful sessions, SSE responses so progress flows)
     /approvals, /approvals/{task_id}   calls waiting for approval; approve or deny
     /tasks/{task_id}/input             the input a waiting call asked for (its owner only)
+    /admin/api/..., /admin/openapi.json   the admin API (gateway.admin_api)
+    /ui        the dashboard (gateway.dashboard)
     /healthz   200 while the process is up
     /metrics   Prometheus metrics (gateway/metrics.py; who may read them: observability)
     /readyz    200 when the workflow engine answers, 503 otherwise
@@ -49,7 +51,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway import telemetry
 from gateway.a2a_front import build_routes as a2a_routes
 from gateway.a2a_push import PushService
+from gateway.admin_api import AdminApi
 from gateway.config import ConfigError, GatewayConfig, IdentityConfig
+from gateway.dashboard import dashboard_routes
 from gateway.dispatch import Dispatcher, DispatchError
 from gateway.mcp_front import PRINCIPAL_SCOPE_KEY, McpFront
 from gateway.metrics_http import CountedAuthenticator, MetricsEndpoint
@@ -456,6 +460,14 @@ def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
     guard = A2AGuard(mcp, listen_host)
 
     task_input = TaskInputEndpoint(host, mcp, listen_host)
+    # The admin API and the dashboard (gateway.admin_api, gateway.dashboard).
+    admin = AdminApi(
+        host,
+        lambda: mcp.authenticator,
+        TransportSecurityMiddleware(transport_security(listen_host)),
+        lambda exc, request: refusal(exc, _metadata_url(host, request.scope)),
+        is_loopback(listen_host),
+    )
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -498,6 +510,8 @@ def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
             Route("/readyz", readyz, methods=["GET"]),
             *a2a_routes(host, guard.authenticate, guard.authenticate_optional, lambda: host.push),
             *_metrics_routes(host, guard),
+            *admin.routes(),
+            *dashboard_routes(),
         ],
         lifespan=lifespan,
     )

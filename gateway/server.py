@@ -148,6 +148,16 @@ class Gateway:
         """A2A push notifications (None when the A2A front door is off)."""
         return self._push
 
+    @property
+    def policy_store(self) -> PolicyStore | None:
+        """The tenant policy files in force (None when `policy.dir` is not set)."""
+        return self._policy.store if self._policy is not None else None
+
+    @property
+    def audit_target(self) -> Path | str | None:
+        """Where the audit log goes: a file, or "-" for stdout (None before the start)."""
+        return self._audit.target if self._audit is not None else None
+
     def _lookup(self, name: str) -> PreparedTool | None:
         # Read through self, so a reloaded registry serves the activities too.
         return self._registry.get(name) if self._registry is not None else None

@@ -122,6 +122,8 @@ class LoadedPolicy:
     groups: dict[str, Audience]
     rules: tuple[CompiledRule, ...]
     cel: CelBackend = field(repr=False)  # the backend its conditions were compiled for
+    # Who administers this tenant (`admins:`; gateway.admin_access checks membership too).
+    admins: Audience = field(default_factory=lambda: Audience(()))
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def rules_for(self, tool: str) -> tuple[CompiledRule, ...]:
@@ -203,6 +205,7 @@ class _Compiler:
                 f"{self.model.tenant}{SUFFIX}, not {self.name}",
             )
         rules = tuple(self.rule(key, rule) for key, rule in self.model.tools.items())
+        admins = self.audience(("admins",), self.model.admins)
         if self.problems:
             self.problems.sort(key=lambda p: p.line or 0)
             raise ConfigError(self.problems)
@@ -217,6 +220,7 @@ class _Compiler:
             groups=self.groups,
             rules=rules,
             cel=self.cel,
+            admins=admins,
         )
 
     def rule(self, key: str, rule: ToolRule) -> CompiledRule:
@@ -384,6 +388,12 @@ class PolicyStore:
 
     def tenants(self) -> list[str]:
         return sorted(self._policies)
+
+    def file_errors(self) -> dict[str, list[str]]:
+        """Why each refused file's last change failed, one line per problem, by file name
+        ("" for the directory itself); for the admin API's policy status."""
+        errors = dict(self._errors)
+        return {name: [str(p) for p in errors[name].problems] for name in sorted(errors)}
 
     def problems(self) -> list[str]:
         """Current errors, one line each (file:line: key: message), for `/readyz` and logs."""

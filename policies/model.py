@@ -4,6 +4,7 @@
     members: [spiffe://acme.example/**]          # who belongs to the tenant at all
     groups:
       ops: [spiffe://acme.example/people/alice, spiffe://acme.example/agents/ops/*]
+    admins: [group:ops]                          # the tenant's admins (admin API, dashboard)
     tools:
       add:                                       # a tool name, or an fnmatch pattern ("word_*")
         call: [group:ops]                        # who may call it (nobody when left out)
@@ -184,6 +185,9 @@ class TenantPolicy(_Strict):
     tenant: str
     members: list[Pattern] = Field(min_length=1)
     groups: dict[GroupName, list[Pattern]] = Field(default_factory=dict)
+    # Who administers this tenant (its calls, approvals, audit records in the admin API and the
+    # dashboard); only members count. Global admins are `admin.principals` in gateway.yaml.
+    admins: list[Reference] = Field(default_factory=list)
     tools: dict[ToolKey, ToolRule] = Field(default_factory=dict)
 
     @field_validator("tenant")
