@@ -1,0 +1,79 @@
+"""Crash points the crash matrix (tests/test_crash_matrix.py) found by chance, pinned down so
+that each runs every time: the process dies at one exact point, and the retried activity must
+still give the whole result, without running again what was saved.
+
+- langgraph: a node has finished and its writes are saved (`put_writes`), but the checkpoint
+  after it is not (the process dies between the two). LangGraph's state then shows no `next`
+  node (the one pending has its writes) though the graph is not done: the retry must resume
+  it, not return the state as the graph's result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters import adapter_for
+from adapters.base import ToolContext
+from adapters.langgraph_saver import StateApiSaver
+from gateway.config import EmbeddedEngineConfig, ToolConfig
+from gateway.runtime import DurableRuntime
+from tests.crash_tools import STEPS, TRACE_DIR_ENV, Trace, expected_values
+
+pytestmark = [pytest.mark.crash, pytest.mark.timeout(120)]
+
+
+class Died(BaseException):
+    """The process dying: nothing after this point runs (not an Exception: nothing catches
+    it as a node failure)."""
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[DurableRuntime]:
+    engine = DurableRuntime(
+        EmbeddedEngineConfig(sidecar="thread"), tmp_path / "engine.db", lambda name: None
+    )
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
+@pytest.mark.parametrize("after_step", range(1, STEPS + 1))
+async def test_graph_dies_between_a_nodes_writes_and_its_checkpoint(
+    after_step: int,
+    runtime: DurableRuntime,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(TRACE_DIR_ENV, str(tmp_path))
+    run = f"writes-saved-{after_step}"
+    put = StateApiSaver.put
+
+    def put_or_die(self: StateApiSaver, config: Any, checkpoint: Any, metadata: Any, v: Any) -> Any:
+        if metadata.get("step") == after_step:  # the checkpoint after node `after_step`
+            raise Died()
+        return put(self, config, checkpoint, metadata, v)
+
+    config = ToolConfig(name="steps", kind="langgraph", target="tests.crash_tools:build_graph")
+
+    def context() -> ToolContext:  # the same call and activity, as a retry sees them
+        return ToolContext("call-1", "exec-1", checkpoints=runtime.checkpoints)
+
+    tool = adapter_for("langgraph").prepare(config)
+    with monkeypatch.context() as patched:
+        patched.setattr(StateApiSaver, "put", put_or_die)
+        with pytest.raises(Died):
+            await tool.invoke({"run": run, "pace": 0}, context())
+    assert Trace.read(tmp_path / f"{run}.log").dones[after_step] == 1
+
+    retried = adapter_for("langgraph").prepare(config)
+    result = await retried.invoke({"run": run, "pace": 0}, context())
+    assert result == {"run": run, "values": expected_values(run, STEPS)}
+    trace = Trace.read(tmp_path / f"{run}.log")
+    # Every node ran once: the one whose writes were saved was not run again.
+    assert trace.begins == {step: 1 for step in range(1, STEPS + 1)}, trace
