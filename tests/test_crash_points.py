@@ -77,3 +77,35 @@ async def test_graph_dies_between_a_nodes_writes_and_its_checkpoint(
     trace = Trace.read(tmp_path / f"{run}.log")
     # Every node ran once: the one whose writes were saved was not run again.
     assert trace.begins == {step: 1 for step in range(1, STEPS + 1)}, trace
+
+
+SLOW_CONFIG = """
+identity:
+  allow_anonymous: true
+tools:
+  - name: slow_echo
+    kind: python
+    target: examples.tools:slow_echo
+    timeout_seconds: 30
+"""
+
+
+async def test_a_reissued_call_that_joins_the_running_one_is_a_replay(tmp_path: Path) -> None:
+    """After a crash cut an MCP call, the client re-issues it with its idempotency key while
+    the restarted gateway is still running it: the answer is that call's result, marked as a
+    replay (`io.duragate/replayed`), as when the call had already finished."""
+    from gateway.dispatch import CallRequest, CallState
+    from gateway.mcp_front import REPLAYED_META, render
+    from identity.principal import ANONYMOUS
+    from tests.gateway.conftest import running_dispatcher
+
+    request = CallRequest(
+        "slow_echo", {"text": "once", "seconds": 1}, ANONYMOUS, "mcp", idempotency_key="k-crash"
+    )
+    async with running_dispatcher(SLOW_CONFIG, tmp_path) as dispatcher:
+        first = await dispatcher.submit(request)
+        again = await dispatcher.submit(request)
+        assert again.task_id == first.task_id and again.replayed and not again.terminal
+        done = await dispatcher.wait(again.task_id, ANONYMOUS, 30, known=again)
+    assert done.state == CallState.COMPLETED and done.result == {"result": "once"}
+    assert (render(done).meta or {}).get(REPLAYED_META) is True
