@@ -68,11 +68,12 @@ KINDS: dict[str, tuple[str, int]] = {  # kind -> (target, steps)
 }
 PACE = 0.5  # seconds per step
 # Roughly how long a call runs from its request (steps, plus scheduling and, for a crew,
-# CrewAI's own work): kill points are drawn inside this.
+# CrewAI's own work). Crash points are drawn from 0 to 1.15 times this: mostly inside a step,
+# sometimes before the tool starts or after it has returned.
 RUN_SECONDS = {"python": STEPS * PACE + 0.2, "langgraph": STEPS * PACE + 0.3}
 RUN_SECONDS["crewai"] = CREW_STEPS * PACE + 0.6
 RECOVERY_SECONDS = 90.0  # bound on every wait after the restart (shared, loaded machines)
-START_SECONDS = 60.0
+CONNECT_SECONDS = 1.5  # time for the clients to connect before the first request is sent
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -228,6 +229,7 @@ class Cell:
     delivered_by: str = ""
     replayed: bool | None = None
     message_id: str = ""
+    start_at: float = 0.0  # when (event loop time) the request is sent
 
     @property
     def tool(self) -> str:
@@ -306,11 +308,21 @@ def _a2a_message(cell: Cell) -> Any:
     return msg
 
 
-# Before the crash: start the call and follow it as a client would, until the crash cuts it.
+# Before the crash: connect, send the request at the cell's moment, and follow the call as a
+# client would, until the crash cuts it.
+
+
+async def _at_start(cell: Cell) -> None:
+    loop = asyncio.get_running_loop()
+    late = loop.time() - cell.start_at
+    if late > 0.05:  # connecting took longer than planned: the crash comes earlier in the call
+        cell.note(f"sent {late:.2f} s late")
+    await asyncio.sleep(max(0.0, cell.start_at - loop.time()))
 
 
 async def start_mcp_sync(cell: Cell, gw: CrashableGateway, hook: Webhook) -> None:
     async with mcp_session(gw.url) as session:
+        await _at_start(cell)
         cell.note("call sent")
         result = await session.call_tool(
             cell.tool, cell.arguments(), meta={IDEMPOTENCY_META: cell.key}
@@ -322,6 +334,7 @@ async def start_mcp_sync(cell: Cell, gw: CrashableGateway, hook: Webhook) -> Non
 
 async def start_mcp_task(cell: Cell, gw: CrashableGateway, hook: Webhook) -> None:
     async with mcp_session(gw.url) as session:
+        await _at_start(cell)
         cell.note("task call sent")
         created = await session.experimental.call_tool_as_task(
             cell.tool, cell.arguments(), meta={IDEMPOTENCY_META: cell.key}
@@ -337,6 +350,7 @@ async def start_mcp_task(cell: Cell, gw: CrashableGateway, hook: Webhook) -> Non
 
 async def start_a2a_blocking(cell: Cell, gw: CrashableGateway, hook: Webhook) -> None:
     async with a2a_client(gw.base) as client:
+        await _at_start(cell)
         cell.note("message sent (blocking)")
         events = [e async for e in client.send_message(send(_a2a_message(cell)))]
         task = [e.task for e in events if e.HasField("task")][-1]
@@ -351,6 +365,7 @@ def _push(hook: Webhook) -> TaskPushNotificationConfig:
 
 async def start_a2a_streaming(cell: Cell, gw: CrashableGateway, hook: Webhook) -> None:
     async with a2a_client(gw.base, streaming=True) as client:
+        await _at_start(cell)
         cell.note("message sent (streaming, with push)")
         async for event in client.send_message(send(_a2a_message(cell), push=_push(hook))):
             if event.HasField("task"):
@@ -572,8 +587,7 @@ class Report:
         row["passed"] += outcome.passed
         row["resumed_mid_step"] += outcome.resumed_mid_step
         row["replayed_steps"] += outcome.replayed_steps
-        phase = outcome.phase.split()[0] if outcome.phase.startswith("step") else outcome.phase
-        row["phases"][phase] = row["phases"].get(phase, 0) + 1
+        row["phases"][outcome.phase] = row["phases"].get(outcome.phase, 0) + 1
         row["delivered_by"][cell.delivered_by] = row["delivered_by"].get(cell.delivered_by, 0) + 1
 
     def table(self) -> list[str]:
@@ -621,10 +635,11 @@ async def _run_until_crash(
     kill point, and leave the clients to fail as the connection drops."""
     crash_at = max(c.kill_after for c in cells)
     loop = asyncio.get_running_loop()
-    epoch = loop.time() + 0.2
+    epoch = loop.time() + CONNECT_SECONDS  # every client connects first, then sends on time
+    for cell in cells:
+        cell.start_at = epoch + crash_at - cell.kill_after
 
     async def client(cell: Cell) -> None:
-        await asyncio.sleep(max(0.0, epoch + crash_at - cell.kill_after - loop.time()))
         try:
             await START[cell.door](cell, gw, hook)
         except Exception as exc:  # noqa: BLE001 - the crash cuts the call: expected
@@ -657,7 +672,7 @@ async def test_crash_matrix(
     monkeypatch.setenv(TRACE_DIR_ENV, str(trace_dir))  # the gateways inherit it
     config, data = config_for(tmp_path), tmp_path / "data"
     cells = [
-        Cell(door, kind, seed, kill_after=rng.uniform(0.0, RUN_SECONDS[kind]))
+        Cell(door, kind, seed, kill_after=rng.uniform(0.0, 1.15 * RUN_SECONDS[kind]))
         for kind in KINDS
         for door in DOORS
     ]
