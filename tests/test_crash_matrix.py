@@ -15,7 +15,9 @@ on the same data directory and each cell checks that:
   crash came before the task id was returned); A2A blocking, the same message resent (it
   replays) and GetTask; A2A streaming, SubscribeToTask (GetTask once the task has ended), and
   the push to a webhook;
-- the call is recorded once: one `scheduled` record in the audit log, one workflow instance;
+- the call is recorded once: one workflow instance (no other in the engine), never two
+  `scheduled` audit records (none is counted as `no-audit`: a crash the instant after the call
+  was scheduled loses its queued record, a known gap that tests/test_crash_points.py pins down);
 - side effects happened once for every step finished before the crash; only the step running
   at the crash may have run again (the python tool skips steps whose side effect is recorded;
   graphs and crews are checkpointed after each node or task).
@@ -110,6 +112,13 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 def _gone(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -141,10 +150,11 @@ class CrashableGateway(GatewayProcess):
         self.url = self._wait_ready()
         self.base = self.url.removesuffix("/mcp")
 
-    def crash(self) -> int:
+    def crash(self) -> list[str]:
         """SIGKILL every process group of the gateway and its descendants, after freezing them
-        all (SIGSTOP) so that none goes on alone. Returns how many processes died."""
+        all (SIGSTOP) so that none goes on alone. Returns the command lines of those killed."""
         pids = [self.proc.pid, *descendants(self.proc.pid)]
+        commands = [_command(pid) for pid in pids]
         groups = set()
         for pid in pids:
             try:
@@ -161,7 +171,7 @@ class CrashableGateway(GatewayProcess):
         while not all(_gone(pid) for pid in pids):
             assert time.monotonic() < deadline, f"processes {pids} outlived SIGKILL"
             time.sleep(0.02)
-        return len(pids)
+        return commands
 
 
 class Gateways:
@@ -494,6 +504,7 @@ class Outcome:
     replayed_steps: int
     phase: str  # where the crash hit the call: before-start | step N | after-end
     problems: list[str]
+    audit_lost: bool = False  # no `scheduled` record: see check_cell
 
 
 def check_cell(cell: Cell, trace_dir: Path, audit: list[dict[str, Any]]) -> Outcome:
@@ -502,7 +513,12 @@ def check_cell(cell: Cell, trace_dir: Path, audit: list[dict[str, Any]]) -> Outc
     if cell.result != expected:
         problems.append(f"result {cell.result!r}, expected {expected!r}")
     scheduled = [r for r in audit if r.get("event") == "scheduled" and r.get("tool") == cell.tool]
-    if len(scheduled) != 1 or scheduled[0].get("task") != cell.task_id:
+    # Never twice. None at all happens when the crash comes the instant after the call was
+    # scheduled: its record was still queued for the audit writer (a known gap, pinned down by
+    # tests/test_crash_points.py); the call itself is one workflow instance (checked by the
+    # test), so it is counted in the report, not failed.
+    audit_lost = not scheduled
+    if len(scheduled) > 1 or any(r.get("task") != cell.task_id for r in scheduled):
         problems.append(f"{len(scheduled)} `scheduled` audit records: {scheduled}")
 
     before = cell.before or Trace()
@@ -541,6 +557,7 @@ def check_cell(cell: Cell, trace_dir: Path, audit: list[dict[str, Any]]) -> Outc
         replayed_steps=sum(after.begins.values()) - len(after.begins),
         phase=phase,
         problems=problems,
+        audit_lost=audit_lost,
     )
 
 
@@ -562,6 +579,7 @@ class Report:
                 "passed": 0,
                 "resumed_mid_step": 0,
                 "replayed_steps": 0,
+                "audit_lost": 0,
                 "phases": {},
                 "delivered_by": {},
             },
@@ -579,6 +597,7 @@ class Report:
                 "passed": outcome.passed,
                 "resumed_mid_step": outcome.resumed_mid_step,
                 "replayed_steps": outcome.replayed_steps,
+                "audit_lost": outcome.audit_lost,
                 "problems": outcome.problems,
                 "events": cell.events,
             }
@@ -587,18 +606,20 @@ class Report:
         row["passed"] += outcome.passed
         row["resumed_mid_step"] += outcome.resumed_mid_step
         row["replayed_steps"] += outcome.replayed_steps
+        row["audit_lost"] += outcome.audit_lost
         row["phases"][outcome.phase] = row["phases"].get(outcome.phase, 0) + 1
         row["delivered_by"][cell.delivered_by] = row["delivered_by"].get(cell.delivered_by, 0) + 1
 
     def table(self) -> list[str]:
         head = f"{'front door':<14} {'kind':<10} {'seeds':>5} {'passed':>6} "
-        head += f"{'mid-step':>8} {'replayed':>8}  crash points"
+        head += f"{'mid-step':>8} {'replayed':>8} {'no-audit':>8}  crash points"
         lines = ["crash matrix: front door x kind", head]
         for row in self.rows.values():
             phases = ", ".join(f"{k}: {v}" for k, v in sorted(row["phases"].items()))
             lines.append(
                 f"{row['door']:<14} {row['kind']:<10} {row['seeds']:>5} {row['passed']:>6} "
-                f"{row['resumed_mid_step']:>8} {row['replayed_steps']:>8}  {phases}"
+                f"{row['resumed_mid_step']:>8} {row['replayed_steps']:>8} "
+                f"{row['audit_lost']:>8}  {phases}"
             )
         return lines
 
@@ -648,7 +669,7 @@ async def _run_until_crash(
     tasks = [asyncio.create_task(client(c)) for c in cells]
     await asyncio.sleep(max(0.0, epoch + crash_at - loop.time()))
     killed = await asyncio.to_thread(gw.crash)
-    assert killed >= 2, "the gateway had no sidecar child to kill"
+    assert any("gateway.sidecar.server" in c for c in killed), f"no sidecar among {killed}"
     for cell in cells:
         cell.before = Trace.read(trace_dir / f"{cell.run}.log")
     # Clients of a dead server: give them a moment to notice, then stop them.
