@@ -134,8 +134,11 @@ class LangGraphTool:
         elif state.interrupts:
             # A retry after the interrupt was saved: the call still waits for its input.
             raise self._input_required(state.interrupts)
-        elif state.next:
-            payload = None  # resume after a crash or a failed node: the saved nodes stay done
+        elif state.next or state.tasks:
+            # Resume after a crash or a failed node: the saved nodes stay done. `next` leaves
+            # out a node whose writes were saved when the checkpoint after it was not (a crash
+            # between the two); it is still among `tasks`, and what follows it must run.
+            payload = None
         else:
             return self._output(state.values)  # it had finished: its result is saved
 

@@ -588,6 +588,8 @@ class Dispatcher:
         finally:
             completion.cancel()
         view = self._owned_view(task_id, state, principal)
+        # A replay that joined the call still running under its key stays a replay.
+        view.replayed = known is not None and known.replayed
         if view.terminal:
             self._ended(view, principal)  # plain calls: the front door's wait ends them
         return view

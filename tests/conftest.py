@@ -26,3 +26,13 @@ _DURAGATE_ENV = (
 def _isolate_duragate_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in _DURAGATE_ENV:
         monkeypatch.delenv(name, raising=False)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--crash-seeds",
+        type=int,
+        default=None,
+        help="seeds of the crash matrix (tests/test_crash_matrix.py) to run; default 1, or the "
+        "environment variable DURAGATE_CRASH_SEEDS",
+    )
