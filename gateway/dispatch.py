@@ -40,6 +40,8 @@ from policies.limits import Admission, LimitExceeded, call_hold_seconds
 log = logging.getLogger(__name__)
 
 CALL_VERSION = 1
+# How long a decision waits for the workflow to take it: 200 polls of 50 ms, 10 s.
+DECISION_TAKEN_POLLS = 200
 TERMINAL_STATUSES = {"COMPLETED", "FAILED", "TERMINATED", "CANCELED"}
 
 
@@ -241,6 +243,7 @@ class Dispatcher:
     status_interval: float = 1.0
     # Rate, concurrency and budget obligations; a call without them costs a few dict lookups.
     admission: Admission = field(default_factory=Admission)
+    _decisions: dict[str, asyncio.Lock] = field(default_factory=dict, init=False, repr=False)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
 
     def tools_for(self, principal: Principal) -> list[Any]:
@@ -634,7 +637,22 @@ class Dispatcher:
         self, task_id: str, approver: Principal, approved: bool, reason: str = ""
     ) -> CallView:
         """Approve or deny a call that waits for approval. The decision is bound to the hash
-        of the arguments the approver was shown, which the workflow checks."""
+        of the arguments the approver was shown, which the workflow checks.
+
+        Decisions on one task are taken one at a time in this process, and each returns once
+        the workflow has taken it (bounded): a second decision then finds the call no longer
+        waiting, instead of racing the first into the engine (where it would sit unused)."""
+        lock = self._decisions.setdefault(task_id, asyncio.Lock())
+        try:
+            async with lock:
+                return await self._decide(task_id, approver, approved, reason)
+        finally:
+            if not lock.locked():
+                self._decisions.pop(task_id, None)
+
+    async def _decide(
+        self, task_id: str, approver: Principal, approved: bool, reason: str
+    ) -> CallView:
         state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
         if state is None or state.name != WORKFLOW_NAME:
             raise DispatchError("not_found", f"no task {task_id!r}")
@@ -665,6 +683,11 @@ class Dispatcher:
             arguments=call.get("arguments"),
             audit=view.audit,
         )
+        for _ in range(DECISION_TAKEN_POLLS):
+            state = await self.runtime.client.get_workflow_state(task_id, fetch_payloads=True)
+            if state is None or self._view(task_id, state, call).waiting_for != "approval":
+                break
+            await asyncio.sleep(0.05)
         return view
 
     async def supply_input(self, task_id: str, principal: Principal, value: Any) -> CallView:
