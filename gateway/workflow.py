@@ -93,7 +93,11 @@ def call_workflow(ctx: wf.DaprWorkflowContext, call: dict[str, Any]) -> Generato
         }
         if supplied is not None:
             activity_input["input"] = supplied
-        activity: Any = ctx.call_activity(ACTIVITY_NAME, input=activity_input, retry_policy=policy)
+        # A tool of a worker app runs there (`duragate worker`); calls recorded before tools
+        # had apps carry no `app_id` and run here, as they did.
+        activity: Any = ctx.call_activity(
+            ACTIVITY_NAME, input=activity_input, retry_policy=policy, app_id=call.get("app_id")
+        )
         timeout = float(call["timeout_seconds"])
         timer = ctx.create_timer(timedelta(seconds=timeout))
         winner = yield wf.when_any([activity, timer])
