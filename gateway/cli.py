@@ -591,7 +591,7 @@ def worker(
     """Run the tools of one worker app (tools with `app_id: APP`) in this process and Python
     environment, connected to the sidecar that serves that app, until SIGINT or SIGTERM."""
     from gateway.config import ConfigError, check_app_id, load_config
-    from gateway.worker import WorkerError, resolve_address, run_worker
+    from gateway.worker import ToolWorker, WorkerError, resolve_address, run_worker
 
     try:
         check_app_id(app_id)
@@ -605,6 +605,8 @@ def worker(
     http_address = _http_address(http_address)
     try:
         cfg = load_config(config)
+        if not any(tool.app_id == app_id for tool in cfg.tools):
+            raise WorkerError(f"no tool in {config} has app_id {app_id!r}: nothing to serve")
         resolve_address(cfg, app_id, address, http_address)
     except ConfigError as exc:
         typer.echo(f"error: the configuration is not valid:\n{exc}", err=True)
@@ -613,19 +615,34 @@ def worker(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     data_dir = _options(ctx).data_dir(cfg.data_dir)
-    raise typer.Exit(
-        _run_until_signalled(
-            lambda: run_worker(
-                cfg,
-                app_id,
-                data_dir,
-                address=address,
-                http_address=http_address,
-                connect_timeout=connect_timeout,
-            ),
-            what="worker",
-        )
+    started: list[ToolWorker] = []
+    code = _run_until_signalled(
+        lambda: run_worker(
+            cfg,
+            app_id,
+            data_dir,
+            address=address,
+            http_address=http_address,
+            connect_timeout=connect_timeout,
+            on_ready=started.append,
+        ),
+        what="worker",
     )
+    running = started[0].running if started else 0
+    if running:
+        # Once the worker's stream is closed a tool's result has nowhere to go, and the sidecar
+        # hands the call to the next worker of the app (activities run at least once; the
+        # rerun resumes from checkpoints): waiting for the tool (a crew can run for minutes)
+        # would only delay the stop. Its thread would hold the interpreter's exit: skip it.
+        log.warning(
+            "%d tool run(s) still in progress: exiting without them; the next worker of app "
+            "%s runs their calls again",
+            running,
+            app_id,
+        )
+        logging.shutdown()
+        os._exit(code)
+    raise typer.Exit(code)
 
 
 register_remote_commands(app)

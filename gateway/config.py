@@ -204,7 +204,9 @@ def check_app_id(value: str) -> str:
             "starting and ending with a letter or digit"
         )
     if value == "duragate":
-        raise ValueError("'duragate' is the gateway's own app id, not another app")
+        raise ValueError(
+            "'duragate' is the gateway's own app id: it cannot be the id of another app"
+        )
     return value
 
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dapr.ext.workflow as wf
 import grpc
@@ -119,6 +121,37 @@ async def wait_for_sidecar(address: str, app_id: str, timeout: float) -> None:
             ) from None
 
 
+class _Runs:
+    """Tool runs in progress, counted from whichever thread the SDK runs activities on."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def add(self, delta: int) -> None:
+        with self._lock:
+            self.count += delta
+
+
+class _Counted:
+    """A prepared tool that counts its runs in progress (a stopping worker reports them)."""
+
+    def __init__(self, tool: Any, runs: _Runs) -> None:
+        self._tool = tool
+        self._runs = runs
+
+    @property
+    def spec(self) -> Any:
+        return self._tool.spec
+
+    async def invoke(self, arguments: dict[str, Any], context: Any) -> Any:
+        self._runs.add(1)
+        try:
+            return await self._tool.invoke(arguments, context)
+        finally:
+            self._runs.add(-1)
+
+
 class ToolWorker:
     """The SDK worker of one app with the `duragate.tool` activity for its tools."""
 
@@ -138,6 +171,16 @@ class ToolWorker:
         self.progress = ProgressHub()  # no one listens here: see the module doc
         self._runtime: wf.WorkflowRuntime | None = None
         self._checkpoints: CheckpointStore | None = None
+        self._runs = _Runs()
+
+    @property
+    def running(self) -> int:
+        """Tool runs in progress: once stopped, they have nowhere to send their results."""
+        return self._runs.count
+
+    def _lookup(self, name: str) -> Any:
+        tool = self.registry.get(name) if self.registry is not None else None
+        return None if tool is None else _Counted(tool, self._runs)
 
     def load_tools(self) -> Registry:
         """Load this app's tools (ConfigError if one cannot be; WorkerError if none)."""
@@ -169,7 +212,7 @@ class ToolWorker:
         # Only the activity: the workflow runs on the gateway's app, and sends here just the
         # activities of this app's tools.
         runtime.register_activity(
-            workflow.make_tool_activity(registry.get, self.progress, self._checkpoints),
+            workflow.make_tool_activity(self._lookup, self.progress, self._checkpoints),
             name=workflow.ACTIVITY_NAME,
         )
         try:

@@ -209,7 +209,9 @@ async def test_mcp_calls_run_in_the_worker_and_never_in_the_gateway(
     assert gateway.proc.pid not in importers(tmp_path)
     # SIGTERM: a clean stop.
     assert worker.stop() == 0
-    assert any("worker of app crews stopped" in m for m in worker.messages())
+    said = "\n".join(worker.messages())
+    assert "worker of app crews stopped" in said
+    assert "still in progress" not in said  # no tool was running
 
 
 async def _wait_for(predicate: Any, what: str, timeout: float = 60.0) -> None:
@@ -322,7 +324,7 @@ def test_a_worker_without_its_sidecar_exits_with_a_clear_error(
     assert "did not answer within 1 s" in text
 
 
-def test_a_worker_of_an_app_without_tools_is_refused(tmp_path: Path) -> None:
+def test_a_worker_without_tools_or_address_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "gateway.yaml"
     config.write_text(config_text(free_port()))
     cmd = [sys.executable, "-m", "gateway", "--data-dir", str(tmp_path / "d"), "worker"]
@@ -331,4 +333,34 @@ def test_a_worker_of_an_app_without_tools_is_refused(tmp_path: Path) -> None:
         cmd, cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2
-    assert "engine.apps does not name app 'nobody'" in done.stderr
+    assert "no tool in" in done.stderr and "has app_id 'nobody': nothing to serve" in done.stderr
+    config.write_text(config_text(free_port()).replace("crews:", "other:"))
+    cmd[-1] = APP  # its tools, but no address for the app
+    done = subprocess.run(
+        cmd, cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "tool 'whereami' runs in app 'crews', which engine.apps does not name" in done.stderr
+
+
+async def test_sigterm_in_the_middle_of_a_call_hands_it_to_the_next_worker(
+    tmp_path: Path, setup: tuple[Path, Workers]
+) -> None:
+    config, workers = setup
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    async with running_dispatcher(config.read_text(), tmp_path) as dispatcher:
+        first = workers()
+        view = await dispatcher.submit(CallRequest("pipeline", {"text": TEXT}, ANONYMOUS, "test"))
+        await _wait_for(lambda: trace(tmp_path) == ["outline", "draft"], "the draft node")
+        # The node is still held: the worker stops without waiting for it.
+        assert first.stop() == 0
+        said = "\n".join(first.messages())
+        assert "worker of app crews stopped" in said
+        assert "1 tool run(s) still in progress: exiting without them" in said
+        hold.unlink()
+        second = workers()
+        done = await dispatcher.wait(view.task_id, ANONYMOUS, 120)
+        assert done.state == CallState.COMPLETED, done
+        assert trace(tmp_path) == ["outline", "draft", "draft", "finish"]
+        assert second.pid in importers(tmp_path)
