@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import pytest
 import yaml
+from mcp import types
 
 from gateway.config import ConfigError, parse_config
 from gateway.dispatch import CallRequest, CallState, Dispatcher
@@ -33,18 +34,37 @@ from tests.gateway.conftest import (
     mcp_session,
     running_dispatcher,
 )
+from tests.sidecar.conftest import start_sidecar_process
 from tests.sidecar.test_crash import free_port
 
 pytestmark = [
     pytest.mark.timeout(240),
     pytest.mark.filterwarnings("ignore:The experimental tasks API:DeprecationWarning"),
 ]
+# (this module imports neither tests.gateway.worker_targets nor tests.gateway.worker_crews)
 
 APP = "crews"
 TARGETS = "tests.gateway.worker_targets"  # never imported here: this process is a gateway
 IMPORTS_ENV = "DURAGATE_TEST_IMPORTS"
 TEXT = "workers run apart. the gateway never loads them"
 WORKER_START_TIMEOUT = 60.0
+
+
+CREW_TOOL: dict[str, Any] = {
+    "name": "research",
+    "kind": "crewai",
+    "target": "tests.gateway.worker_crews:research_crew",
+    "app_id": APP,
+    "description": "A two-task crew, run by a worker.",
+    "input_schema": {
+        "type": "object",
+        "properties": {"topic": {"type": "string"}, "audience": {"type": "string"}},
+        "required": ["topic", "audience"],
+    },
+    "timeout_seconds": 180,
+}
+CREW_ARGS = {"topic": "durable workflows", "audience": "engineers"}
+BRIEF = "[write] Write a brief about durable workflows for engineers, from the research."
 
 
 def config_text(port: int) -> str:
@@ -89,13 +109,24 @@ def config_text(port: int) -> str:
 class WorkerProcess:
     """`python -m gateway worker --app-id crews`, logging JSON lines to a file."""
 
-    def __init__(self, config: Path, data_dir: Path, log_path: Path, *extra: str) -> None:
+    def __init__(
+        self,
+        config: Path,
+        data_dir: Path,
+        log_path: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
         cmd = [sys.executable, "-m", "gateway", "--log-format", "json", "--data-dir"]
         cmd += [str(data_dir), "worker", "--config", str(config), "--app-id", APP, *extra]
         self.proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=self._log
+            cmd,
+            cwd=REPO_ROOT,
+            env={**child_env(), **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
         )
         self.pid = self.proc.pid
 
@@ -112,7 +143,7 @@ class WorkerProcess:
     def wait_up(self) -> None:
         deadline = time.monotonic() + WORKER_START_TIMEOUT
         while time.monotonic() < deadline:
-            if any("is up: serving 2 tool(s)" in m for m in self.messages()):
+            if any("worker of app crews is up: serving" in m for m in self.messages()):
                 return
             if self.proc.poll() is not None:
                 break
@@ -140,11 +171,13 @@ class Workers:
     def __init__(self, tmp: Path, config: Path) -> None:
         self.tmp = tmp
         self.config = config
+        self.env: dict[str, str] = {}
         self.started: list[WorkerProcess] = []
 
     def __call__(self, *extra: str, wait: bool = True) -> WorkerProcess:
         log_path = self.tmp / f"worker-{len(self.started)}.log"
-        worker = WorkerProcess(self.config, self.tmp / "worker-data", log_path, *extra)
+        data_dir = self.tmp / "worker-data"
+        worker = WorkerProcess(self.config, data_dir, log_path, *extra, env=self.env)
         self.started.append(worker)
         if wait:
             worker.wait_up()
@@ -364,3 +397,65 @@ async def test_sigterm_in_the_middle_of_a_call_hands_it_to_the_next_worker(
         assert done.state == CallState.COMPLETED, done
         assert trace(tmp_path) == ["outline", "draft", "draft", "finish"]
         assert second.pid in importers(tmp_path)
+
+
+# --- a crew in a worker, on a standalone sidecar (engine.kind: dapr) --------------------------
+
+
+@pytest.mark.crash
+async def test_a_crew_in_a_worker_of_a_shared_sidecar_resumes_after_a_sigkill(
+    tmp_path: Path, setup: tuple[Path, Workers], spawn_gateway: GatewayFactory
+) -> None:
+    """`duragate sidecar --app LISTEN=crews` serves the gateway's app and the worker's; the
+    gateway trusts it with the app (no engine.apps), the worker finds its address where
+    `dapr run` would put it (DAPR_GRPC_PORT, DAPR_HTTP_PORT)."""
+    config, workers = setup
+    sidecar = start_sidecar_process(
+        tmp_path / "shared.db", extra_args=("--app", f"127.0.0.1:0={APP}")
+    )
+    try:
+        assert sidecar.http_address is not None
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "identity": {"allow_anonymous": True},
+                    "listen": {"host": "127.0.0.1", "port": 0},
+                    "engine": {
+                        "kind": "dapr",
+                        "grpc_address": sidecar.grpc_address,
+                        "http_address": sidecar.http_address,
+                    },
+                    "tools": [CREW_TOOL],
+                }
+            )
+        )
+        workers.env = {
+            "DAPR_GRPC_PORT": sidecar.apps[APP].rpartition(":")[2],
+            "DAPR_HTTP_PORT": sidecar.http_address.rpartition(":")[2],
+        }
+        hold = tmp_path / "hold"
+        hold.write_text("")  # the crew's model waits before answering the `write` task
+        gateway = spawn_gateway(config=config, data_dir=tmp_path / "gateway-data")
+        first = workers()
+        async with mcp_session(gateway.url) as session:
+            created = await session.experimental.call_tool_as_task("research", CREW_ARGS)
+            task_id = created.task.taskId
+            await _wait_for(lambda: trace(tmp_path) == ["research", "write"], "the write task")
+            first.kill()
+            hold.unlink()
+            assert (await session.experimental.get_task(task_id)).status == "working"
+            second = workers()
+            with anyio.fail_after(120):
+                result = await session.experimental.get_task_result(task_id, types.CallToolResult)
+        assert not result.isError, result
+        assert result.structuredContent == {"result": BRIEF}
+        # The research task's output was checkpointed by the first worker: only `write` reran.
+        assert trace(tmp_path) == ["research", "write", "write"]
+        assert importers(tmp_path) == {first.pid, second.pid}
+        assert gateway.proc.pid not in importers(tmp_path)
+        assert any("(from DAPR_GRPC_ENDPOINT/DAPR_GRPC_PORT)" in m for m in second.messages())
+        # CrewAI kept its files under the worker's data directory.
+        assert (tmp_path / "worker-data" / "crewai").is_dir()
+    finally:
+        sidecar.popen.kill()
+        sidecar.popen.wait(10)
