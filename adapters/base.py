@@ -82,6 +82,8 @@ class ToolSpec:
     timeout_seconds: float
     retry: RetryConfig
     task_support: TaskSupport
+    # The Dapr app whose workers run the tool; None: the gateway runs it itself.
+    app_id: str | None = None
 
     @classmethod
     def from_config(
@@ -104,6 +106,7 @@ class ToolSpec:
             timeout_seconds=config.timeout_seconds,
             retry=config.retry,
             task_support=config.task_support,
+            app_id=config.app_id,
         )
 
 

@@ -12,15 +12,18 @@ matters while its call can still run, and the store must not grow without bound.
 The `DaprClient` is blocking (gRPC): the sync methods are for worker threads, the `a...`
 methods run them in the loop's default executor. One client is opened on first use and shared;
 its constructor waits for the sidecar's HTTP health endpoint, which is why the store is told
-that endpoint's address.
+that endpoint's address. A process that knows only the sidecar's gRPC address (a worker of
+another app, `duragate worker`) checks that address itself and opens the store with
+`probe_http=False`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -35,6 +38,24 @@ def key(*parts: str) -> str:
     return "/".join([KEY_PREFIX, *(quote(p, safe="") for p in parts)])
 
 
+_probe_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_http_probe() -> Iterator[None]:
+    """`DaprClient()` without its wait on the HTTP health endpoint, for a caller that has
+    already seen the sidecar answer on gRPC (the SDK has no switch for it)."""
+    from dapr.clients.health import DaprHealth
+
+    with _probe_lock:
+        probe = DaprHealth.__dict__["wait_for_sidecar"]
+        DaprHealth.wait_for_sidecar = staticmethod(lambda: None)  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            DaprHealth.wait_for_sidecar = probe  # type: ignore[method-assign]
+
+
 class CheckpointStore:
     """JSON values by key in a Dapr state store."""
 
@@ -43,11 +64,13 @@ class CheckpointStore:
         grpc_address: str,
         *,
         http_endpoint: str | None = None,
+        probe_http: bool = True,
         store_name: str = STATE_STORE,
         ttl_seconds: int | None = DEFAULT_TTL_SECONDS,
     ) -> None:
         self.grpc_address = grpc_address
         self.http_endpoint = http_endpoint
+        self.probe_http = probe_http
         self.store_name = store_name
         self.ttl_seconds = ttl_seconds
         self._client: Any = None
@@ -66,8 +89,10 @@ class CheckpointStore:
                 previous = getattr(settings, "DAPR_HTTP_ENDPOINT", None)
                 if self.http_endpoint:
                     settings.DAPR_HTTP_ENDPOINT = self.http_endpoint  # type: ignore[attr-defined]
+                probe = contextlib.nullcontext() if self.probe_http else _without_http_probe()
                 try:
-                    self._client = DaprClient(address=self.grpc_address)
+                    with probe:
+                        self._client = DaprClient(address=self.grpc_address)
                 finally:
                     settings.DAPR_HTTP_ENDPOINT = previous  # type: ignore[attr-defined]
             return self._client

@@ -4,7 +4,8 @@
 
 Commands: `serve` (the gateway: MCP over Streamable HTTP), `stdio` (MCP over stdio), `call` and
 `tasks` (against a running gateway), `sidecar` (the embedded Dapr-compatible sidecar on its
-own), `paths` (where the data lives), `version`.
+own), `worker` (the tools of one worker app, in a process of their own), `paths` (where the
+data lives), `version`.
 
 The sidecar's API token is read from the `DAPR_API_TOKEN` environment variable only: a
 command-line flag would show in `ps` and in shell history.
@@ -537,6 +538,111 @@ def stdio(
     cfg = _load_gateway_config(config)
     data_dir = _options(ctx).data_dir(cfg.data_dir)
     raise typer.Exit(_run_until_signalled(lambda: serve_stdio(cfg, data_dir)))
+
+
+# ---------------------------------------------------------------------------------------------
+# worker
+
+
+WORKER_CONFIG_OPTION = typer.Option(
+    "--config",
+    "-c",
+    envvar=CONFIG_ENV,
+    exists=True,
+    dir_okay=False,
+    readable=True,
+    show_default=False,
+    help="The gateway's gateway.yaml (required): the worker runs its tools with --app-id.",
+)
+
+
+@app.command()
+def worker(
+    ctx: typer.Context,
+    app_id: Annotated[
+        str,
+        typer.Option("--app-id", help="The worker app: run the tools whose app_id is this."),
+    ],
+    config: Annotated[Path | None, WORKER_CONFIG_OPTION] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            callback=lambda v: None if v is None else _grpc_address(v),
+            help="The sidecar's gRPC address for this app (default: engine.apps in the config;"
+            " with engine.kind: dapr, DAPR_GRPC_ENDPOINT or DAPR_GRPC_PORT).",
+        ),
+    ] = None,
+    http_address: Annotated[
+        str | None,
+        typer.Option(
+            "--http-address",
+            help="The sidecar's HTTP health address, HOST:PORT (optional: without it the gRPC"
+            " address is checked instead).",
+        ),
+    ] = None,
+    connect_timeout: Annotated[
+        float,
+        typer.Option(
+            "--connect-timeout", min=0.1, help="Seconds to wait for the sidecar at start-up."
+        ),
+    ] = 30.0,
+) -> None:
+    """Run the tools of one worker app (tools with `app_id: APP`) in this process and Python
+    environment, connected to the sidecar that serves that app, until SIGINT or SIGTERM."""
+    from gateway.config import ConfigError, check_app_id, load_config
+    from gateway.worker import ToolWorker, WorkerError, resolve_address, run_worker
+
+    try:
+        check_app_id(app_id)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--app-id'") from None
+    if config is None:
+        raise typer.BadParameter(
+            "pass the gateway's config with --config PATH (or set DURAGATE_CONFIG)",
+            param_hint="'--config'",
+        )
+    http_address = _http_address(http_address)
+    try:
+        cfg = load_config(config)
+        if not any(tool.app_id == app_id for tool in cfg.tools):
+            raise WorkerError(f"no tool in {config} has app_id {app_id!r}: nothing to serve")
+        resolve_address(cfg, app_id, address, http_address)
+    except ConfigError as exc:
+        typer.echo(f"error: the configuration is not valid:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    except WorkerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    data_dir = _options(ctx).data_dir(cfg.data_dir)
+    started: list[ToolWorker] = []
+    code = _run_until_signalled(
+        lambda: run_worker(
+            cfg,
+            app_id,
+            data_dir,
+            address=address,
+            http_address=http_address,
+            connect_timeout=connect_timeout,
+            on_ready=started.append,
+        ),
+        what="worker",
+    )
+    running = started[0].running if started else 0
+    if running:
+        # Once the worker's stream is closed a tool's result has nowhere to go, and the sidecar
+        # hands the call to the next worker of the app (activities run at least once; the
+        # rerun resumes from checkpoints): waiting for the tool (a crew can run for minutes)
+        # would only delay the stop. Its thread would hold the interpreter's exit: skip it.
+        log.warning(
+            "%d tool run(s) still in progress: exiting without them; the next worker of app "
+            "%s runs their calls again",
+            running,
+            app_id,
+        )
+        logging.shutdown()
+        os._exit(code)
+    raise typer.Exit(code)
 
 
 register_remote_commands(app)

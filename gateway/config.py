@@ -192,6 +192,24 @@ class ListenConfig(_Strict):
     tls: TlsConfig | None = None
 
 
+# A Dapr app id: what daprd and Kubernetes accept (a DNS label: lower-case letters, digits and
+# '-'), and never `||`, daprd's state key separator, nor `duragate`, the gateway's own app.
+APP_ID_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def check_app_id(value: str) -> str:
+    if not APP_ID_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a Dapr app id: use 1 to 63 lower-case letters, digits or '-', "
+            "starting and ending with a letter or digit"
+        )
+    if value == "duragate":
+        raise ValueError(
+            "'duragate' is the gateway's own app id: it cannot be the id of another app"
+        )
+    return value
+
+
 class EmbeddedEngineConfig(_Strict):
     """The built-in Dapr-compatible sidecar, on loopback, SQLite in the data directory."""
 
@@ -210,8 +228,7 @@ class EmbeddedEngineConfig(_Strict):
     @classmethod
     def _apps(cls, value: dict[str, str]) -> dict[str, str]:
         for app, address in value.items():
-            if not app or app == "duragate" or any(c.isspace() or c == "=" for c in app):
-                raise ValueError(f"{app!r} cannot be the id of another app")
+            check_app_id(app)
             _check_address(address, unix_ok=True)
             if not is_local_address(address):
                 raise ValueError(
@@ -691,6 +708,10 @@ class ToolConfig(_Strict):
     task_support: TaskSupport = "optional"
     # Kind-specific settings, checked by the tool's adapter when it loads the tool.
     options: dict[str, Any] = {}
+    # The Dapr app whose workers run this tool (`duragate worker --app-id ...`, in a process and
+    # Python environment of their own). The gateway then never loads the target: the tool's
+    # description and input schema come from this config.
+    app_id: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -714,6 +735,24 @@ class ToolConfig(_Strict):
         if value is not None:
             check_tool_schema(value)
         return value
+
+    @field_validator("app_id")
+    @classmethod
+    def _app_id(cls, value: str | None) -> str | None:
+        return None if value is None else check_app_id(value)
+
+    @model_validator(mode="after")
+    def _worker_spec(self) -> ToolConfig:
+        # The gateway lists a worker's tool without loading it: what it would have derived
+        # from the target must be written here.
+        if self.app_id is not None:
+            missing = [k for k in ("description", "input_schema") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(
+                    f"tool {self.name!r} runs in worker app {self.app_id!r}, so the gateway does "
+                    f"not load its target: set its {' and '.join(missing)} in the config"
+                )
+        return self
 
 
 # Tool kinds that are agents in their own right: each becomes an A2A agent of its own when
@@ -836,6 +875,24 @@ class GatewayConfig(_Strict):
             return None
         return locate_node(self._root, loc)[0]
 
+    def tool_app_problems(self) -> list[ConfigProblem]:
+        """Tools whose `app_id` the embedded sidecar does not serve (their calls would wait
+        forever). daprd knows its apps itself: with `engine.kind: dapr` there are none."""
+        engine = self.engine
+        if not isinstance(engine, EmbeddedEngineConfig):
+            return []
+        problems = []
+        for index, tool in enumerate(self.tools):
+            if tool.app_id is not None and tool.app_id not in engine.apps:
+                known = ", ".join(sorted(engine.apps)) or "none"
+                message = (
+                    f"tool {tool.name!r} runs in app {tool.app_id!r}, which engine.apps does "
+                    f"not name (configured apps: {known}); add `{tool.app_id}: 127.0.0.1:PORT` "
+                    "under engine.apps"
+                )
+                problems.append(self.problem(("tools", index, "app_id"), message))
+        return problems
+
     def problem(self, loc: Location, message: str) -> ConfigProblem:
         """A problem found after loading (by the registry, say), placed on the config file."""
         return ConfigProblem(
@@ -892,6 +949,9 @@ def parse_config(text: str, source: str, base_dir: Path) -> GatewayConfig:
         raise ConfigError(explain_validation(exc, root, source, GatewayConfig)) from None
     config._source = source
     config._root = root
+    app_problems = config.tool_app_problems()
+    if app_problems:
+        raise ConfigError(app_problems)
     return config
 
 

@@ -319,6 +319,8 @@ class Dispatcher:
             "context_id": req.context_id,
             "audit": audit,  # so the result is audited at the level of the decision
         }
+        if getattr(spec, "app_id", None):
+            call["app_id"] = spec.app_id  # the worker app that runs the tool
         if req.idempotency_key:
             task_id = idempotent_task_id(req.principal, req.tool, req.idempotency_key)
         else:

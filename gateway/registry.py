@@ -3,6 +3,10 @@
 A registry is built whole from a config and never changed: a config reload builds a new one
 and swaps it in, so a call sees one consistent set of tools. Building it loads every target;
 if any tool cannot be loaded the whole build fails (the gateway must not half-start).
+
+A tool with an `app_id` runs in the workers of that Dapr app (`duragate worker`), not in the
+gateway: the gateway's registry holds only its spec, taken from the config (`WorkerTool`), and
+never imports its target; a worker's registry loads just the tools of its own app.
 """
 
 from __future__ import annotations
@@ -14,8 +18,14 @@ from typing import Any
 from jsonschema.exceptions import ValidationError
 
 from adapters import adapter_for
-from adapters.base import PreparedTool, ToolLoadError, ToolSpec
-from gateway.config import ConfigError, GatewayConfig, format_location, schema_validator_class
+from adapters.base import PreparedTool, ToolContext, ToolError, ToolLoadError, ToolSpec
+from gateway.config import (
+    ConfigError,
+    GatewayConfig,
+    ToolConfig,
+    format_location,
+    schema_validator_class,
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,33 @@ def _problem(error: ValidationError) -> ArgumentProblem:
     return ArgumentProblem(format_location(tuple(error.absolute_path)) or "(root)", error.message)
 
 
+class WorkerTool:
+    """A tool that runs in a worker app: its spec, from the config, and nothing to run here.
+
+    The workflow sends its calls to the worker's app (`call_activity(..., app_id=...)`), so
+    `invoke` is reached only by a call scheduled on the gateway's own app before the tool was
+    moved to a worker: it fails with a message saying so rather than loading the target."""
+
+    def __init__(self, config: ToolConfig) -> None:
+        assert config.app_id is not None
+        self._spec = ToolSpec.from_config(
+            config,
+            description=config.description,
+            input_schema=config.input_schema or {"type": "object"},
+            output_schema=config.output_schema,
+        )
+
+    @property
+    def spec(self) -> ToolSpec:
+        return self._spec
+
+    async def invoke(self, arguments: dict[str, Any], context: ToolContext) -> Any:
+        raise ToolError(
+            f"tool {self._spec.name!r} runs in worker app {self._spec.app_id!r}; this call "
+            "was scheduled on the gateway before the tool moved there: call it again"
+        )
+
+
 class Registry:
     """Loaded tools by name, in config order."""
 
@@ -65,12 +102,19 @@ class Registry:
             self._tools[spec.name] = tool
 
     @classmethod
-    def from_config(cls, config: GatewayConfig) -> Registry:
-        """Load every tool of `config`. Raises `ConfigError` naming each tool that cannot be
-        loaded, with its line in the config file when the config came from one."""
+    def from_config(cls, config: GatewayConfig, *, app_id: str | None = None) -> Registry:
+        """Load the tools of `config` that run here. Raises `ConfigError` naming each tool
+        that cannot be loaded, with its line in the config file when the config came from one.
+
+        `app_id` None: the gateway's registry, every tool (worker tools as `WorkerTool`s, their
+        targets not loaded). Otherwise a worker's: only the tools whose `app_id` it is."""
         tools: list[PreparedTool] = []
-        problems = []
+        problems = [] if app_id is not None else config.tool_app_problems()
         for index, tool_config in enumerate(config.tools):
+            if tool_config.app_id != app_id:
+                if app_id is None:
+                    tools.append(WorkerTool(tool_config))
+                continue
             try:
                 adapter = adapter_for(tool_config.kind)
             except ToolLoadError as exc:

@@ -101,7 +101,11 @@ def call_workflow(ctx: wf.DaprWorkflowContext, call: dict[str, Any]) -> Generato
             activity_input["input"] = supplied
         if call.get("trace"):
             activity_input["trace"] = call["trace"]  # each attempt joins the caller's trace
-        activity: Any = ctx.call_activity(ACTIVITY_NAME, input=activity_input, retry_policy=policy)
+        # A tool of a worker app runs there (`duragate worker`); calls recorded before tools
+        # had apps carry no `app_id` and run here, as they did.
+        activity: Any = ctx.call_activity(
+            ACTIVITY_NAME, input=activity_input, retry_policy=policy, app_id=call.get("app_id")
+        )
         timeout = float(call["timeout_seconds"])
         timer = ctx.create_timer(timedelta(seconds=timeout))
         winner = yield wf.when_any([activity, timer])
