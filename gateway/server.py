@@ -220,6 +220,7 @@ class Gateway:
         self._runtime = runtime
         # Budgets are counted in the engine's state store, so they survive restarts.
         self._budgets = DaprBudgets(runtime.address)
+        runtime.budgets = self._budgets  # the workflow charges token budgets with it
         self._dispatcher = Dispatcher(
             registry,
             runtime,
