@@ -6,6 +6,8 @@ even when its charge runs twice or concurrently, periods and scopes kept apart, 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,3 +161,48 @@ def test_in_memory_admission_ignores_a_tokens_only_budget() -> None:
     admission = Admission()
     ticket = admission.admit("acme", ALICE, "chat", {"budget": BUDGET})
     assert ticket.tokens is None
+
+
+def policy_check(tmp_path: Path, budget: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "acme.yaml").write_text(
+        "tenant: acme\nmembers: [spiffe://acme.test/**]\ntools:\n  chat:\n"
+        f"    call: [group:members]\n    obligations:\n      budget: {budget}\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "policy", "check", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [
+        "{tokens: 5000, per_seconds: 86400}",
+        "{calls: 10, tokens: 5000, per_seconds: 3600, per: caller, usage_key: completion_tokens}",
+        "{calls: 10, per_seconds: 60}",
+    ],
+)
+def test_policy_check_accepts_token_budgets(tmp_path: Path, budget: str) -> None:
+    done = policy_check(tmp_path, budget)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("budget", "error"),
+    [
+        (
+            "{per_seconds: 60}",
+            "acme.yaml:7: tools[chat].obligations.budget: a budget counts calls, tokens or both:"
+            " give `calls: N` and/or `tokens: N`",
+        ),
+        ("{tokens: 0, per_seconds: 60}", "tools[chat].obligations.budget.tokens"),
+        ("{tokens: 10, per_seconds: 60, usage_key: 'a b'}", "budget.usage_key"),
+        ("{token: 10, per_seconds: 60}", "budget.token"),
+    ],
+)
+def test_policy_check_refuses_bad_token_budgets(tmp_path: Path, budget: str, error: str) -> None:
+    done = policy_check(tmp_path, budget)
+    assert done.returncode != 0
+    assert error in done.stdout + done.stderr, done.stdout + done.stderr
