@@ -277,6 +277,8 @@ class Gateway:
         self._dispatcher = None
         budgets, self._budgets = self._budgets, None
         if budgets is not None:
+            if runtime is not None:
+                runtime.budgets = None  # a charge now waits (retried) for the next start
             await asyncio.to_thread(budgets.close)
         if runtime is not None:
             await runtime.stop()
