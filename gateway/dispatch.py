@@ -350,6 +350,8 @@ class Dispatcher:
             )
             data = {"limit": exc.limit, "retry_after_seconds": exc.retry_after_seconds}
             raise DispatchError("limited", exc.message, data) from None
+        if ticket.tokens is not None:
+            call["budget_tokens"] = ticket.tokens  # charged by the workflow after the call
         try:
             with telemetry.span("duragate.schedule", parent=parent) as span:
                 if span.is_recording():

@@ -165,6 +165,8 @@ class DurableRuntime:
         self.checkpoints: CheckpointStore | None = None
         # Set by the gateway before `start`: tools' access to other tools (gateway.delegation).
         self.delegation: Any = None
+        # Set by the gateway once the engine is up: token budgets' charges (policies.budgets).
+        self.budgets: Any = None
         self._sidecar: SidecarProcess | SidecarThread | None = None
         self._worker: wf.WorkflowRuntime | None = None
         self._client: DaprWorkflowClient | None = None
@@ -203,6 +205,7 @@ class DurableRuntime:
                 self.checkpoints,
                 lambda: self.delegation,
                 observer=self.observer,
+                budgets=lambda: self.budgets,
             )
             await asyncio.to_thread(worker.start)
             self._worker = worker

@@ -230,6 +230,7 @@ class Gateway:
         self._runtime = runtime
         # Budgets are counted in the engine's state store, so they survive restarts.
         self._budgets = DaprBudgets(runtime.address)
+        runtime.budgets = self._budgets  # the workflow charges token budgets with it
         self._dispatcher = Dispatcher(
             registry,
             runtime,
@@ -286,6 +287,8 @@ class Gateway:
         self._dispatcher = None
         budgets, self._budgets = self._budgets, None
         if budgets is not None:
+            if runtime is not None:
+                runtime.budgets = None  # a charge now waits (retried) for the next start
             await asyncio.to_thread(budgets.close)
         if runtime is not None:
             await runtime.stop()

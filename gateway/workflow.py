@@ -10,10 +10,16 @@ request, the workflow shows `{"state": "input_required", "message": ..., "input"
 "request": ...}}` and waits (durably, up to `input_expires_seconds`) for the event
 `duragate.input` with `{"value": ..., "by": ..., "round": n}`, then runs the tool again with that
 input. What the tool reports as usage comes back as `"usage"` next to the result.
+
+A call with a token budget carries its charge (`"budget_tokens"`, decided at submit time by
+`policies.budgets.DaprBudgets.check_tokens`): once the tool answered with usage, the activity
+`duragate.charge` adds it to the budget, exactly once, before the call completes. Calls
+recorded without that key schedule no charge, so their histories replay unchanged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections import OrderedDict
@@ -28,11 +34,21 @@ from adapters.base import InputRequired, SuppliedInput, ToolContext, ToolError
 from adapters.checkpoints import CheckpointStore
 from gateway import telemetry
 from gateway.progress import ProgressHub
+from policies.budgets import token_amount
 
 log = logging.getLogger(__name__)
 
 WORKFLOW_NAME = "duragate.call"
 ACTIVITY_NAME = "duragate.tool"
+CHARGE_ACTIVITY_NAME = "duragate.charge"
+# The budget store may be briefly unreachable (a gateway starting): the charge is retried for
+# a few minutes before the call completes uncharged (logged).
+CHARGE_RETRY = wf.RetryPolicy(
+    first_retry_interval=timedelta(seconds=1),
+    max_number_of_attempts=10,
+    backoff_coefficient=2.0,
+    max_retry_interval=timedelta(seconds=60),
+)
 APPROVAL_EVENT = "duragate.approval"
 INPUT_EVENT = "duragate.input"
 DEFAULT_INPUT_EXPIRES_SECONDS = 86400.0
@@ -124,6 +140,7 @@ def call_workflow(ctx: wf.DaprWorkflowContext, call: dict[str, Any]) -> Generato
             answer = {"result": answer}
         request = answer.get("input_required")
         if request is None:
+            yield from _charge(ctx, call, answer.get("usage"))
             ctx.set_custom_status(_status("completed", f"{tool} completed"))
             output: dict[str, Any] = {"ok": True, "result": answer.get("result")}
             if answer.get("usage"):
@@ -141,6 +158,43 @@ def call_workflow(ctx: wf.DaprWorkflowContext, call: dict[str, Any]) -> Generato
             expires = float(call.get("input_expires_seconds") or DEFAULT_INPUT_EXPIRES_SECONDS)
             return failure("input_expired", f"no input for {tool} within {expires:g} s")
         ctx.set_custom_status(_status("running", f"running {tool} with the input supplied"))
+
+
+def _charge(
+    ctx: wf.DaprWorkflowContext, call: dict[str, Any], usage: Any
+) -> Generator[Any, Any, None]:
+    """Charge the usage to the call's token budget, if it has one and the tool reported some."""
+    charge = call.get("budget_tokens")
+    if not charge or not isinstance(usage, dict):
+        return
+    if token_amount(usage, str(charge.get("usage_key", "total_tokens"))) <= 0:
+        return
+    try:
+        yield ctx.call_activity(
+            CHARGE_ACTIVITY_NAME,
+            input={"charge": charge, "usage": usage},
+            retry_policy=CHARGE_RETRY,
+        )
+    except Exception as exc:  # noqa: BLE001 - the tool's result stands; the budget missed it
+        if not ctx.is_replaying:
+            log.error("usage of %s (task %s) not charged: %s", call["tool"], ctx.instance_id, exc)
+
+
+def make_charge_activity(budgets: Callable[[], Any]) -> Callable[..., Any]:
+    """The activity that charges a call's usage to its token budget; `budgets()` returns the
+    gateway's `policies.budgets.DaprBudgets` (None until the gateway set it: retried)."""
+
+    async def duragate_charge(ctx: wf.WorkflowActivityContext, inp: dict[str, Any]) -> int:
+        store = budgets()
+        if store is None:
+            raise RuntimeError("the budget store is not ready yet")
+        # The marker is keyed by the workflow instance: a repeated activity charges nothing.
+        charged: int = await asyncio.to_thread(
+            store.charge, inp["charge"], ctx.workflow_id, inp["usage"]
+        )
+        return charged
+
+    return duragate_charge
 
 
 def _await_input(
@@ -331,6 +385,7 @@ def register(
     checkpoints: CheckpointStore | None = None,
     delegation: Callable[[], Any] | None = None,
     observer: CallObserver | None = None,
+    budgets: Callable[[], Any] = lambda: None,
 ) -> None:
     # A fresh function per runtime: the SDK marks a registered function and refuses it in a
     # second runtime of the same process (tests, a reloaded gateway).
@@ -346,3 +401,4 @@ def register(
     runtime.register_activity(
         make_tool_activity(lookup, hub, checkpoints, delegation), name=ACTIVITY_NAME
     )
+    runtime.register_activity(make_charge_activity(budgets), name=CHARGE_ACTIVITY_NAME)

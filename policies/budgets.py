@@ -26,6 +26,18 @@ its unspent block (those units count as spent: at most 1 % of the budget per pro
 while another process holds units, this one may be refused a little early. Both err on the
 side of the budget.
 
+Tokens (`budget: {tokens, per_seconds, per, usage_key}`, alone or with `calls`): the usage the
+tools report, figure `usage_key`, summed per (tenant, tool, scope, period) under a key of its
+own. Before a call, `check_tokens` reads the sum and refuses the call once it reaches `tokens`;
+nothing is reserved (the usage is not known before the call), so the calls admitted while the
+sum is below the budget may together overshoot it by their own usage. It returns the charge
+(the key of the period the call started in) that travels in the call's workflow input; after
+the tool answered, the workflow's activity `duragate.charge` calls `charge`, which adds the
+usage and writes a per-call marker in one state transaction: the counter's etag must not have
+changed and the marker must not exist (first-write). An activity that runs again (at least
+once delivery, a retry after a crash) finds the marker and charges nothing, so each call is
+charged exactly once. No lease: every check and every charge is a store round trip.
+
 Fail closed: when the store cannot be read or written, the call is refused as over budget for
 now ("cannot be checked"), with a short retry delay. A unit given back after a call that started
 nothing (an idempotent replay, a scheduling error) is decremented the same way; if that fails
@@ -55,6 +67,7 @@ from dapr.clients import DaprClient
 from dapr.clients.exceptions import DaprGrpcError
 from dapr.clients.grpc._state import Concurrency, StateOptions
 from dapr.clients.health import DaprHealth
+from dapr.proto import api_v1, common_v1
 
 from policies.limits import refusal
 
@@ -62,6 +75,7 @@ log = logging.getLogger(__name__)
 
 STORE = "statestore"
 KEY_PREFIX = "duragate-budget"
+TOKENS_PREFIX = "duragate-budget-tokens"
 # Etag conflicts in a row before giving up (each is another process winning a race).
 MAX_ATTEMPTS = 32
 # When the store does not answer: try again soon.
@@ -161,6 +175,80 @@ class DaprBudgets:
                 " per caller" if scope != "tenant" else ""
             )
             raise refusal("budget", tenant, tool, detail, (period + 1) * per - now)
+
+    async def check_tokens(
+        self, tenant: str, tool: str, principal_id: str, budget: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Refuse (LimitExceeded("budget", ...)) when the period's tokens reach the budget;
+        otherwise return the charge for `charge` after the call (JSON: it travels in the call's
+        workflow input)."""
+        per = float(budget["per_seconds"])
+        now = self.clock()
+        period = math.floor(now / per)
+        scope = scope_of(budget, principal_id)
+        key = f"{TOKENS_PREFIX}/{tenant}/{tool}/{scope}/{per:g}/{period}"
+        tokens = int(budget["tokens"])
+        try:
+            spent = await asyncio.to_thread(self._read, key)
+        except Exception as exc:  # noqa: BLE001 - fail closed, with the reason
+            log.warning("budget %s: the state store failed: %s", key, exc)
+            raise refusal(
+                "budget",
+                tenant,
+                tool,
+                f"cannot be checked now: {_describe(exc)}",
+                UNAVAILABLE_RETRY_SECONDS,
+                reached=False,
+            ) from None
+        if spent >= tokens:
+            detail = f"{tokens} tokens per {per:g} s, {spent} used" + (
+                " per caller" if scope != "tenant" else ""
+            )
+            raise refusal("budget", tenant, tool, detail, (period + 1) * per - now)
+        return {
+            "key": key,
+            "usage_key": str(budget.get("usage_key", "total_tokens")),
+            # The counter and the markers expire one period after the period ends.
+            "expires_at": (period + 2) * per,
+        }
+
+    def charge(self, charge: Mapping[str, Any], instance_id: str, usage: Mapping[str, Any]) -> int:
+        """Add the usage of call `instance_id` to its period's counter, once: a second charge
+        of the same call (a repeated activity) adds nothing. Returns the tokens added. Blocking
+        (run it in a worker thread); raises when the store fails, for the activity to retry."""
+        amount = token_amount(usage, str(charge["usage_key"]))
+        if amount <= 0:
+            return 0
+        key = str(charge["key"])
+        marker = f"{key}/charged/{instance_id}"
+        ttl = max(1, math.ceil(float(charge["expires_at"]) - self.clock()))
+        client = self._connected()
+        last: Exception | None = None
+        for attempt in range(MAX_ATTEMPTS):
+            # The counter first, then the marker: a charge that commits in between changes the
+            # counter's etag, so this one's transaction fails and reads again.
+            got = client.get_state(self.store, key)
+            if client.get_state(self.store, marker).data:
+                return 0  # charged already
+            request = api_v1.ExecuteStateTransactionRequest(
+                storeName=self.store,
+                operations=[
+                    _upsert(key, str(_count(got.data) + amount), got.etag or None, ttl),
+                    _upsert(marker, str(amount), None, ttl),
+                ],
+            )
+            try:
+                # The SDK's transaction operations carry no concurrency option (first-write),
+                # so the request is built here and sent on the client's own stub.
+                client._stub.ExecuteStateTransaction(request)
+                return amount
+            except grpc.RpcError as exc:
+                # A lost race fails the transaction as Aborted or (daprd) Internal: read again.
+                if exc.code() not in (grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL):
+                    raise
+                last = exc
+            time.sleep(0.001 * (attempt + 1))
+        raise RuntimeError(f"budget {key}: the charge kept failing: {last}")
 
     async def give_back(self, claim: Claim) -> None:
         """Return one unit: to this process's block if it still has one for that period, else
@@ -266,6 +354,9 @@ class DaprBudgets:
                 if exc.code() != grpc.StatusCode.ABORTED:
                     raise
 
+    def _read(self, key: str) -> int:
+        return _count(self._connected().get_state(self.store, key).data)
+
     def _connected(self) -> DaprClient:
         with self._client_lock:
             if self._client is None:
@@ -279,6 +370,31 @@ class _Spent:
     ok: bool
     error: str | None = None
     taken: int = 0
+
+
+def token_amount(usage: Mapping[str, Any] | None, usage_key: str) -> int:
+    """The tokens a call's usage counts for: figure `usage_key`, rounded up; 0 when the tool
+    reported none (or not a number)."""
+    value = (usage or {}).get(usage_key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return 0
+    return max(0, math.ceil(value))
+
+
+def _upsert(key: str, value: str, etag: str | None, ttl: int) -> Any:
+    """A transaction upsert: over version `etag`, or insert-only (first-write, no etag)."""
+    return api_v1.TransactionalStateOperation(
+        operationType="upsert",
+        request=common_v1.StateItem(
+            key=key,
+            value=value.encode(),
+            etag=common_v1.Etag(value=etag) if etag else None,
+            options=common_v1.StateOptions(
+                concurrency=common_v1.StateOptions.CONCURRENCY_FIRST_WRITE
+            ),
+            metadata={"ttlInSeconds": str(ttl)},
+        ),
+    )
 
 
 def _count(data: bytes | str | None) -> int:

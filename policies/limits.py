@@ -16,8 +16,11 @@ tool (a budget may also count per caller):
 - concurrency `{max}`: tickets in flight. A ticket is released when its call ends; each carries
   an expiry (`hold_seconds`) so a release that never comes (a caller that stops polling, a
   crash of the front door) frees the slot eventually instead of blocking the tool forever.
-- budget `{calls, per_seconds, per}`: calls per period, per tenant and tool (`per: tenant`)
-  or per calling principal too (`per: caller`). With a budget store (`policies.budgets`, what
+- budget `{calls, tokens, per_seconds, per, usage_key}`: calls and/or tokens per period, per
+  tenant and tool (`per: tenant`) or per calling principal too (`per: caller`). Tokens need a
+  budget store: `acquire` refuses a call once the period's reported usage reaches `tokens`
+  and puts the charge for after the call on the ticket (`Ticket.tokens`); in memory (no store)
+  only calls are counted. With a budget store (`policies.budgets`, what
   the gateway uses: the sidecar's state store, etag-checked) the counters survive restarts and
   are shared by every gateway process on that store; periods are then fixed wall-clock windows
   from the epoch. Without one (tests, benchmarks) they are counted here, in memory, per
@@ -74,6 +77,12 @@ class BudgetStore(Protocol):
 
     async def give_back(self, claim: Any) -> None: ...
 
+    async def check_tokens(
+        self, tenant: str, tool: str, principal_id: str, budget: Mapping[str, Any]
+    ) -> Any:
+        """Raise LimitExceeded when the period's tokens reach the budget; returns the charge
+        the call's workflow makes after the call."""
+
 
 @dataclass
 class _KeyState:
@@ -104,6 +113,7 @@ class Ticket:
     budget_key: tuple[str, str, str] | None = None  # the in-memory budget it was counted in
     budget_start: float | None = None  # and the period
     budget_claim: Any = None  # a unit of a durable budget (BudgetStore.spend)
+    tokens: Any = None  # the token charge for after the call (BudgetStore.check_tokens)
     holds_slot: bool = False
     expires_at: float = math.inf
     _done: bool = False
@@ -160,13 +170,20 @@ class Admission:
         budget = obligations.get("budget")
         if budget and self.budgets is not None:
             try:
-                claim = await self.budgets.spend(tenant, tool, principal_id, budget)
+                # Tokens first: only checked, so a refusal there has spent no call.
+                tokens = None
+                if budget.get("tokens"):
+                    tokens = await self.budgets.check_tokens(tenant, tool, principal_id, budget)
+                claim = None
+                if budget.get("calls"):
+                    claim = await self.budgets.spend(tenant, tool, principal_id, budget)
             except BaseException:
                 ticket.refund()
                 raise
             if ticket is NO_LIMITS:
                 ticket = Ticket(self, (tenant, tool), 0)
             ticket.budget_claim = claim
+            ticket.tokens = tokens
         return ticket
 
     def admit(
@@ -185,6 +202,8 @@ class Admission:
         rate = obligations.get("rate")
         concurrency = obligations.get("concurrency")
         budget = obligations.get("budget") if self.budgets is None else None
+        if budget and not budget.get("calls"):
+            budget = None  # tokens alone: counted only with a budget store
         if not (rate or concurrency or budget):
             return NO_LIMITS  # the common case touches no shared state
         key = (tenant, tool)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Tenant names are shared with the identity layer (which maps callers to tenants), so that
 # every tenant a caller can be put in can also have a policy file.
@@ -127,12 +127,28 @@ class ConcurrencyObligation(_Strict):
 
 
 class BudgetObligation(_Strict):
-    """`calls` per `per_seconds`, kept across restarts (policies.budgets); counted for the
-    whole tenant, or for each calling principal (`per: caller`)."""
+    """`calls` and/or `tokens` per `per_seconds`, kept across restarts (policies.budgets);
+    counted for the whole tenant, or for each calling principal (`per: caller`).
 
-    calls: int = Field(ge=1)
+    `tokens`: the usage the tool reports (`ToolContext.report_usage`), figure `usage_key`
+    (`total_tokens` by default), summed over the calls that started in the period. A call is
+    refused once the period's sum reaches `tokens`; nothing is reserved before a call, so the
+    last call admitted may overshoot the budget by its own usage. Usage is charged once, after
+    the call, by its workflow (`duragate.charge`)."""
+
+    calls: int | None = Field(default=None, ge=1)
+    tokens: int | None = Field(default=None, ge=1)
     per_seconds: float = Field(gt=0)
     per: Literal["tenant", "caller"] = "tenant"
+    usage_key: str = Field(default="total_tokens", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+    @model_validator(mode="after")
+    def _something_counted(self) -> BudgetObligation:
+        if self.calls is None and self.tokens is None:
+            raise ValueError(
+                "a budget counts calls, tokens or both: give `calls: N` and/or `tokens: N`"
+            )
+        return self
 
 
 # minimal: refusals and approvals only; standard: every decision; full: every decision with the
