@@ -280,11 +280,10 @@ class DurableRequestHandler(RequestHandler):
         arguments = render.arguments_from(message, tool, registered.spec.input_schema)
         context_id = message.context_id or uuid.uuid4().hex
         # Message ids are the client's: a resent message replays its task instead of running
-        # twice. Scoped to the sender, so another caller's message id never matches; anonymous
-        # callers are one principal, so for them a message id would be shared: no replay.
-        key = None
-        if message.message_id and not _anonymous(principal):
-            key = f"a2a:{principal.id}:{message.message_id}"
+        # twice (a retrying client, a remote gateway's retried activity). Scoped to the sender,
+        # so another caller's message id never matches. Anonymous callers are one principal:
+        # for them the message id is a capability, like a task id (clients make them random).
+        key = f"a2a:{principal.id}:{message.message_id}" if message.message_id else None
         request = CallRequest(
             tool=tool,
             arguments=arguments,
