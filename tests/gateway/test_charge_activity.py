@@ -36,7 +36,9 @@ class Ctx:
     def set_custom_status(self, status: str) -> None:
         self.status = status
 
-    def call_activity(self, name: str, *, input: Any = None, retry_policy: Any = None) -> Any:
+    def call_activity(
+        self, name: str, *, input: Any = None, retry_policy: Any = None, app_id: Any = None
+    ) -> Any:
         self.activities.append((name, input))
         done: dt.CompletableTask[Any] = dt.CompletableTask()
         done.complete(self.answers[name])
