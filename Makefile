@@ -54,8 +54,12 @@ demo-mtls: $(VENV)/.installed
 			--server-name 127.0.0.1 --server-name localhost --ttl 30d --out .duragate/identity
 	$(BIN)/duragate serve --config config/gateway-mtls.yaml
 
+# Two pytest workers (pytest-xdist): most tests wait on gateway processes, so two halve the time
+# on two cores. PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
+
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
