@@ -25,9 +25,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Stamps: an install is redone only when pyproject.toml changes (or the stamp is removed).
+# The demo config serves two LangGraph graphs: the demo install includes that extra.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@echo "Installing Duragate into $(VENV) ..."
-	$(PIP) install -e .
+	$(PIP) install -e '.[langgraph]'
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
@@ -36,7 +37,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	@touch $@ $(VENV)/.installed $(VENV)/.installed-bench
 
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
-	$(PIP) install -e '.[bench]'
+	$(PIP) install -e '.[bench,langgraph]'
 	@touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
