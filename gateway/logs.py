@@ -1,7 +1,8 @@
 """Logging: stdlib `logging`, configured once per process by the CLI.
 
 Two formats:
-- `console`: human-readable lines on stderr through rich's `RichHandler`;
+- `console`: human-readable lines on stderr, through rich's `RichHandler` on a terminal and as
+  plain `time level logger: message` lines otherwise (files, pipes: cheaper, and greppable);
 - `json`: one JSON object per line on stderr with `timestamp`, `level`, `logger`, `message`,
   every field passed through `extra=`, and `exc_info` when there is a traceback.
 
@@ -121,6 +122,13 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(entry, default=str, ensure_ascii=False))
 
 
+def _is_terminal(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
 def configure_logging(
     level: str = "info", fmt: LogFormat = "console", *, stream: IO[str] | None = None
 ) -> None:
@@ -135,6 +143,12 @@ def configure_logging(
     if fmt == "json":
         handler = logging.StreamHandler(out)
         handler.setFormatter(JsonFormatter())
+    elif fmt == "console" and not _is_terminal(out):
+        # Not a terminal (a file, a pipe, a service manager): plain lines. Rich renders each
+        # record as a table row, which costs about a millisecond: too much on a path that logs
+        # once per call.
+        handler = logging.StreamHandler(out)
+        handler.setFormatter(ConsoleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     elif fmt == "console":
         handler = RichHandler(
             console=Console(file=out, soft_wrap=True),
