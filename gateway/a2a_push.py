@@ -243,6 +243,7 @@ class PushService:
             headers["Authorization"] = f"{target.auth_scheme} {target.auth_credentials}"
         delay = settings.first_retry_seconds
         for attempt in range(1, settings.max_attempts + 1):
+            retryable = True
             try:
                 await self.check_url(target.url)  # DNS may have changed since the config
                 response = await self._http.post(
@@ -251,14 +252,14 @@ class PushService:
                 if response.status_code < 300:
                     return True
                 reason = f"HTTP {response.status_code}"
-                if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
-                    attempt = settings.max_attempts  # the webhook refuses: retrying won't help
+                # The webhook refuses (a 4xx other than timeout or too-many): retrying won't help.
+                status = response.status_code
+                retryable = not (400 <= status < 500 and status not in (408, 429))
             except PushConfigError as exc:
-                reason = str(exc)
-                attempt = settings.max_attempts
+                reason, retryable = str(exc), False
             except httpx.HTTPError as exc:
                 reason = type(exc).__name__
-            if attempt >= settings.max_attempts:
+            if not retryable or attempt == settings.max_attempts:
                 log.warning(
                     "push: gave up on task %s (%s) to config %s after %d attempt(s): %s",
                     target.task_id,

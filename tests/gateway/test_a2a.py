@@ -180,6 +180,9 @@ class Webhook:
 
     server: ThreadingHTTPServer
     received: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
+    # Answers to give before accepting (e.g. [503, 503]: two refusals, then 200s).
+    refusals: list[int] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -211,6 +214,12 @@ def webhook() -> Iterator[Webhook]:
         def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
             length = int(self.headers.get("Content-Length", "0"))
             body = json.loads(self.rfile.read(length))
+            if hook.refusals:
+                status = hook.refusals.pop(0)
+                hook.refused.append(status)
+                self.send_response(status)
+                self.end_headers()
+                return
             hook.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
             self.send_response(200)
             self.end_headers()
@@ -703,3 +712,30 @@ async def test_list_filters_and_replay_for_an_identified_caller(
             break
         time.sleep(0.1)
     assert events.count("scheduled") == 1 and "replayed" in events, events  # it ran once
+
+
+async def test_push_delivery_retries_and_gives_up_on_a_refusal(
+    gateway: GatewayProcess, webhook: Webhook
+) -> None:
+    push = TaskPushNotificationConfig(url=webhook.url, token="t")
+    webhook.refusals = [503, 503]  # down twice: retried with backoff, then delivered
+    async with a2a_client(gateway.base) as client:
+        task = final_task(
+            await collect(
+                client, send(message("add", {"a": 1, "b": 1}), immediately=True, push=push)
+            )
+        )
+        webhook.wait_for(task.id, "TASK_STATE_COMPLETED")
+        assert webhook.refused == [503, 503]
+        # A webhook that refuses for good (410 Gone) is not asked again.
+        webhook.refused.clear()
+        webhook.refusals = [410] * 5
+        gone = final_task(
+            await collect(
+                client, send(message("add", {"a": 2, "b": 2}), immediately=True, push=push)
+            )
+        )
+        await poll(client, gone.id, {TaskState.TASK_STATE_COMPLETED})
+    time.sleep(2)  # room for retries that must not come
+    assert 1 <= len(webhook.refused) <= 2, webhook.refused  # one per state at most, never retried
+    assert webhook.states(gone.id) == []
