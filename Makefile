@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 REPORT_ARGS ?=
 
-.PHONY: help demo demo-mtls test lint bench report install install-test clean
+.PHONY: help demo demo-mtls test chromium lint bench report install install-test clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -59,8 +59,19 @@ demo-mtls: $(VENV)/.installed
 # on two cores. PYTEST_WORKERS=0 runs everything in one process.
 PYTEST_WORKERS ?= 2
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test chromium
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+# The dashboard's end-to-end test drives Debian's headless Chromium: installed with apt-get when
+# missing and possible (root); otherwise that test fails, saying why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "Installing chromium (apt-get) for the dashboard test ..."; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else \
+			echo "chromium is missing and cannot be installed here (needs root and apt-get): the dashboard test will fail" >&2; \
+		fi; }
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
