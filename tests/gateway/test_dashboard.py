@@ -3,7 +3,7 @@ load /ui, see a call that waits for approval appear, approve it with the button,
 complete, and open its timeline. Also: the page's security headers, data shown as text (a call
 whose arguments hold markup does not run it), and a bearer token pasted into the page.
 
-Chromium must be installed (`apt-get install -y chromium`; `.ci/run` installs it when it can):
+Chromium must be installed (`apt-get install -y chromium`; `make test` installs it when it can):
 without it these tests fail, saying so, rather than skip. On failure a screenshot is saved in
 the test's tmp directory and named in the assertion message.
 """
@@ -68,7 +68,7 @@ def _chromium() -> str:
     if path is None:
         pytest.fail(
             "headless Chromium is not installed: `apt-get install -y chromium` (Debian's "
-            "package; .ci/run installs it when run as root)"
+            "package; `make test` installs it when run as root)"
         )
     return path
 
