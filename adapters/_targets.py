@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from adapters.base import ToolLoadError
-from adapters.python import TARGET_RE
+
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+TARGET_RE = re.compile(rf"(?P<module>{_DOTTED}):(?P<attr>{_DOTTED})")
 
 
 def import_target(target: str) -> Any:
     """The object named by `package.module:attr[.attr...]`."""
+    return import_target_and_owner(target, "'package.module:attribute'")[1]
+
+
+def import_target_and_owner(target: str, form: str) -> tuple[Any, Any]:
+    """(the object holding the last attribute, the object) named by `target`; `form` describes
+    the expected shape in the error for a malformed target."""
     match = TARGET_RE.fullmatch(target)
     if match is None:
-        raise ToolLoadError(f"target {target!r} is not of the form 'package.module:attribute'")
+        raise ToolLoadError(f"target {target!r} is not of the form {form}")
     module_name, attr = match["module"], match["attr"]
     try:
         obj: Any = importlib.import_module(module_name)
@@ -28,14 +37,15 @@ def import_target(target: str) -> Any:
         raise ToolLoadError(
             f"target {target!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
         ) from exc
+    owner: Any = None
     path = module_name
     for part in attr.split("."):
         try:
-            obj = getattr(obj, part)
+            owner, obj = obj, getattr(obj, part)
         except AttributeError:
             raise ToolLoadError(f"target {target!r}: {path!r} has no attribute {part!r}") from None
         path = f"{path}.{part}"
-    return obj
+    return owner, obj
 
 
 def object_or_factory(

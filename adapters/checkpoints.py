@@ -23,9 +23,11 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote
+
+from gateway.state_client import without_http_probe
 
 STATE_STORE = "statestore"
 DEFAULT_TTL_SECONDS = 7 * 24 * 3600
@@ -36,24 +38,6 @@ def key(*parts: str) -> str:
     """A state key from parts, each quoted so that no part can forge another's key (or put
     `||` in it): `key("lg", thread, ns)` -> `duragate/lg/<thread>/<ns>`."""
     return "/".join([KEY_PREFIX, *(quote(p, safe="") for p in parts)])
-
-
-_probe_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _without_http_probe() -> Iterator[None]:
-    """`DaprClient()` without its wait on the HTTP health endpoint, for a caller that has
-    already seen the sidecar answer on gRPC (the SDK has no switch for it)."""
-    from dapr.clients.health import DaprHealth
-
-    with _probe_lock:
-        probe = DaprHealth.__dict__["wait_for_sidecar"]
-        DaprHealth.wait_for_sidecar = staticmethod(lambda: None)  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            DaprHealth.wait_for_sidecar = probe  # type: ignore[method-assign]
 
 
 class CheckpointStore:
@@ -89,7 +73,7 @@ class CheckpointStore:
                 previous = getattr(settings, "DAPR_HTTP_ENDPOINT", None)
                 if self.http_endpoint:
                     settings.DAPR_HTTP_ENDPOINT = self.http_endpoint  # type: ignore[attr-defined]
-                probe = contextlib.nullcontext() if self.probe_http else _without_http_probe()
+                probe = contextlib.nullcontext() if self.probe_http else without_http_probe()
                 try:
                     with probe:
                         self._client = DaprClient(address=self.grpc_address)

@@ -26,9 +26,7 @@ so `ToolContext` must be imported there at run time, not only under `TYPE_CHECKI
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
-import re
 import types
 import typing
 import warnings
@@ -38,11 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from pydantic.json_schema import PydanticJsonSchemaWarning
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
+from adapters._targets import import_target_and_owner
 from adapters.base import ToolContext, ToolError, ToolLoadError, ToolSpec
 from gateway.config import ToolConfig
 
-_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
-TARGET_RE = re.compile(rf"(?P<module>{_DOTTED}):(?P<attr>{_DOTTED})")
 _EMPTY = inspect.Parameter.empty
 
 
@@ -58,39 +55,16 @@ ADAPTER = PythonAdapter()
 
 def resolve_target(target: str) -> typing.Callable[..., Any]:
     """Import `package.module:function` (or `:Class.method`) and return the callable."""
-    match = TARGET_RE.fullmatch(target)
-    if match is None:
-        raise ToolLoadError(
-            f"target {target!r} is not of the form 'package.module:function' "
-            "(or 'package.module:Class.staticmethod')"
-        )
-    module_name, attr = match["module"], match["attr"]
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        missing = exc.name or ""
-        if module_name == missing or module_name.startswith(missing + "."):
-            raise ToolLoadError(f"target {target!r}: no module named {missing!r}") from None
-        raise ToolLoadError(f"target {target!r}: importing {module_name!r} failed: {exc}") from exc
-    except Exception as exc:
-        raise ToolLoadError(
-            f"target {target!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
-        ) from exc
-    owner: Any = None
-    path = module_name
-    for part in attr.split("."):
-        try:
-            owner, obj = obj, getattr(obj, part)
-        except AttributeError:
-            raise ToolLoadError(f"target {target!r}: {path!r} has no attribute {part!r}") from None
-        path = f"{path}.{part}"
+    owner, obj = import_target_and_owner(
+        target, "'package.module:function' (or 'package.module:Class.staticmethod')"
+    )
     if inspect.isclass(obj):
         raise ToolLoadError(f"target {target!r} is a class; point it at a function")
     if not callable(obj):
         raise ToolLoadError(f"target {target!r} is not callable (it is a {type(obj).__name__})")
     if inspect.isclass(owner):
         # On a class, only static and class methods can be called without an instance.
-        raw = inspect.getattr_static(owner, attr.rsplit(".", 1)[-1])
+        raw = inspect.getattr_static(owner, target.rpartition(":")[2].rsplit(".", 1)[-1])
         if not isinstance(raw, staticmethod | classmethod):
             raise ToolLoadError(
                 f"target {target!r} is an instance method; make it a @staticmethod or a "

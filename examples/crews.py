@@ -41,7 +41,8 @@ def _hold() -> None:
         time.sleep(0.05)
 
 
-def _text(messages: Any) -> str:
+def prompt_text(messages: Any) -> str:
+    """The text of a prompt CrewAI gives a model (a string, or chat messages)."""
     if isinstance(messages, str):
         return messages
     parts = []
@@ -64,7 +65,7 @@ class ScriptedLLM(BaseLLM):
         _trace(name)
         if name == "write":
             _hold()
-        prompt = _text(messages)
+        prompt = prompt_text(messages)
         description = getattr(from_task, "description", "") or ""
         subject = re.sub(r"\s+", " ", description).strip().rstrip(".")
         answer = f"[{name}] {subject}."
@@ -104,7 +105,7 @@ class ScriptedLLM(BaseLLM):
     def get_input_tokens_count(
         self, messages: Any, tools: Any = None, response_model: Any = None
     ) -> int:
-        return len(_text(messages).split())
+        return len(prompt_text(messages).split())
 
     def get_context_window_size(self) -> int:
         return 128_000

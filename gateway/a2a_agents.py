@@ -27,8 +27,22 @@ class AgentDef:
         return self.tools is None or tool in self.tools
 
 
+# The agents of the config in force: asked on every A2A request, changed only by a reload (which
+# brings a new config object).
+_agents: tuple[GatewayConfig, dict[str, AgentDef]] | None = None
+
+
 def agents_of(config: GatewayConfig) -> dict[str, AgentDef]:
-    """The agents `config` exposes, by name ("" is the gateway itself)."""
+    """The agents `config` exposes, by name ("" is the gateway itself). Do not change it."""
+    global _agents
+    if _agents is not None and _agents[0] is config:
+        return _agents[1]
+    agents = _build_agents(config)
+    _agents = (config, agents)
+    return agents
+
+
+def _build_agents(config: GatewayConfig) -> dict[str, AgentDef]:
     agents = {"": AgentDef("", "Every tool of this Duragate gateway that you may call.", None)}
     for agent in config.a2a.agents:
         description = agent.description or f"Tools: {', '.join(agent.tools)}."

@@ -7,6 +7,9 @@ etags for optimistic concurrency, so it behaves the same on daprd.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -15,6 +18,26 @@ from dapr.proto.runtime.v1 import dapr_pb2_grpc as runtime_grpc
 from dapr.proto.runtime.v1 import state_pb2 as state_pb
 
 STATE_STORE = "statestore"
+
+
+_probe_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def without_http_probe() -> Iterator[None]:
+    """Build a `dapr.clients.DaprClient` inside this to skip its wait on the sidecar's HTTP
+    health endpoint (the SDK has no switch for it): for callers that have seen the sidecar
+    answer on gRPC, which is all the embedded sidecar is sure to serve. One lock for every
+    caller, so two threads never patch over each other's saved probe."""
+    from dapr.clients.health import DaprHealth
+
+    with _probe_lock:
+        probe = DaprHealth.__dict__["wait_for_sidecar"]
+        DaprHealth.wait_for_sidecar = staticmethod(lambda: None)  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            DaprHealth.wait_for_sidecar = probe  # type: ignore[method-assign]
 
 
 class EtagMismatch(Exception):

@@ -50,7 +50,6 @@ its calls run in worker threads, never on the event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import math
@@ -58,7 +57,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,9 +65,9 @@ import grpc
 from dapr.clients import DaprClient
 from dapr.clients.exceptions import DaprGrpcError
 from dapr.clients.grpc._state import Concurrency, StateOptions
-from dapr.clients.health import DaprHealth
 from dapr.proto import api_v1, common_v1
 
+from gateway.state_client import without_http_probe
 from policies.limits import refusal
 
 log = logging.getLogger(__name__)
@@ -360,7 +359,7 @@ class DaprBudgets:
     def _connected(self) -> DaprClient:
         with self._client_lock:
             if self._client is None:
-                with _without_http_probe():
+                with without_http_probe():
                     self._client = DaprClient(self.address)
             return self._client
 
@@ -411,20 +410,3 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, DaprGrpcError):
         return f"{exc.code().name}: {exc.details()}"
     return f"{type(exc).__name__}: {exc}"
-
-
-_probe_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _without_http_probe() -> Iterator[None]:
-    """DaprClient's constructor waits for daprd's HTTP health endpoint. The gateway reaches
-    the sidecar over gRPC only (the embedded one serves no HTTP), and its engine has already
-    answered by the time budgets are used, so the probe is skipped while the client is built."""
-    with _probe_lock:
-        original = DaprHealth.__dict__["wait_for_sidecar"]
-        DaprHealth.wait_for_sidecar = staticmethod(lambda: None)  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            DaprHealth.wait_for_sidecar = original  # type: ignore[method-assign]

@@ -16,24 +16,17 @@ import re
 import time
 from typing import Any
 
-from crewai import Agent, BaseLLM, Crew, Process, Task
+from crewai import Agent, Crew, Process, Task
 
+from examples.crews import ScriptedLLM, prompt_text
 from tests.crash_tools import CREW_STEPS, SEED_VALUE, begin, done, step_value
 
 _TASK = re.compile(r"Step (\d+) of run ([A-Za-z0-9_-]+) at ([0-9.]+) s")
 
 
-def _text(messages: Any) -> str:
-    if isinstance(messages, str):
-        return messages
-    return "\n".join(
-        m["content"]
-        for m in messages or []
-        if isinstance(m, dict) and isinstance(m.get("content"), str)
-    )
+class SteppingLLM(ScriptedLLM):
+    """The example crews' offline model, answering crash-matrix steps instead."""
 
-
-class SteppingLLM(BaseLLM):
     model: str = "stepping"
 
     def _answer(self, messages: Any, from_task: Any) -> str:
@@ -46,43 +39,11 @@ class SteppingLLM(BaseLLM):
         time.sleep(pace)
         previous = SEED_VALUE
         if step > 1:
-            found = re.findall(rf"step {step - 1} value=([0-9a-f]+)", _text(messages))
+            found = re.findall(rf"step {step - 1} value=([0-9a-f]+)", prompt_text(messages))
             previous = found[-1] if found else "missing-context"
         value = step_value(run, step, previous)
         done(run, step, attempt, value)
         return f"Thought: I now can give a great answer\nFinal Answer: step {step} value={value}"
-
-    def call(
-        self,
-        messages: Any,
-        tools: Any = None,
-        callbacks: Any = None,
-        available_functions: Any = None,
-        from_task: Any = None,
-        from_agent: Any = None,
-        response_model: Any = None,
-    ) -> str:
-        return self._answer(messages, from_task)
-
-    async def acall(
-        self,
-        messages: Any,
-        tools: Any = None,
-        callbacks: Any = None,
-        available_functions: Any = None,
-        from_task: Any = None,
-        from_agent: Any = None,
-        response_model: Any = None,
-    ) -> str:
-        return self._answer(messages, from_task)
-
-    def get_input_tokens_count(
-        self, messages: Any, tools: Any = None, response_model: Any = None
-    ) -> int:
-        return len(_text(messages).split())
-
-    def get_context_window_size(self) -> int:
-        return 128_000
 
 
 def step_crew() -> Crew:

@@ -52,8 +52,15 @@ from mcp import types
 
 from gateway.mcp_front import IDEMPOTENCY_META, REPLAYED_META, TASK_ID_META
 from tests.crash_tools import CREW_STEPS, STEPS, TRACE_DIR_ENV, Trace, expected_values
-from tests.gateway.conftest import REPO_ROOT, GatewayProcess, child_env, mcp_session
-from tests.gateway.test_a2a import ERRORS, Webhook, a2a_client, message, send
+from tests.gateway.conftest import (
+    REPO_ROOT,
+    GatewayFactory,
+    GatewayProcess,
+    child_env,
+    mcp_session,
+)
+from tests.gateway.test_a2a import ERRORS, a2a_client, message, send
+from tests.webhook import Webhook
 
 pytestmark = [
     pytest.mark.crash,
@@ -174,52 +181,11 @@ class CrashableGateway(GatewayProcess):
         return commands
 
 
-class Gateways:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.started: list[CrashableGateway] = []
-
-    def start(self, config: Path, data_dir: Path) -> CrashableGateway:
-        log_path = self.tmp / f"gateway-{len(self.started)}.log"
-        gateway = CrashableGateway(config, data_dir, log_path)
-        self.started.append(gateway)
-        return gateway
-
-    def stop_all(self) -> None:
-        for gateway in self.started:
-            gateway.stop()
-
-
 @pytest.fixture
-def gateways(tmp_path: Path) -> Iterator[Gateways]:
-    started = Gateways(tmp_path)
+def gateways(tmp_path: Path) -> Iterator[GatewayFactory]:
+    started = GatewayFactory(tmp_path, process=CrashableGateway)
     yield started
     started.stop_all()
-
-
-@pytest.fixture
-def webhook() -> Iterator[Webhook]:
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    hook: Webhook
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
-            length = int(self.headers.get("Content-Length", "0"))
-            body = json.loads(self.rfile.read(length))
-            hook.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    hook = Webhook(ThreadingHTTPServer(("127.0.0.1", 0), Handler))
-    thread = threading.Thread(target=hook.server.serve_forever, daemon=True)
-    thread.start()
-    yield hook
-    hook.server.shutdown()
 
 
 # --- the cells ------------------------------------------------------------------------------
@@ -681,7 +647,7 @@ async def _run_until_crash(
 
 async def test_crash_matrix(
     seed: int,
-    gateways: Gateways,
+    gateways: GatewayFactory,
     webhook: Webhook,
     report: Report,
     tmp_path: Path,
@@ -698,10 +664,10 @@ async def test_crash_matrix(
         for door in DOORS
     ]
 
-    first = gateways.start(config, data)
+    first = gateways(config, data)
     await _run_until_crash(cells, first, webhook, trace_dir)
 
-    second = gateways.start(config, data)
+    second = gateways(config, data)
     errors: dict[str, BaseException] = {}
 
     async def recover(cell: Cell) -> None:

@@ -135,14 +135,17 @@ class GatewayProcess:
 
 
 class GatewayFactory:
-    def __init__(self, tmp: Path) -> None:
+    """Starts gateway processes (of `process`, a GatewayProcess class) and stops them all."""
+
+    def __init__(self, tmp: Path, process: type[GatewayProcess] = GatewayProcess) -> None:
         self.tmp = tmp
+        self.process = process
         self.started: list[GatewayProcess] = []
 
-    def __call__(self, config: Path = TEST_CONFIG, data_dir: Path | None = None) -> GatewayProcess:
+    def __call__(self, config: Path = TEST_CONFIG, data_dir: Path | None = None) -> Any:
         data_dir = data_dir or self.tmp / "data"
         log_path = self.tmp / f"gateway-{len(self.started)}.log"
-        gateway = GatewayProcess(config, data_dir, log_path)
+        gateway = self.process(config, data_dir, log_path)
         self.started.append(gateway)
         return gateway
 

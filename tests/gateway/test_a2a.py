@@ -11,14 +11,12 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +50,7 @@ from gateway.a2a_agents import check_agents
 from gateway.config import ConfigError, parse_config
 from identity.dev_ca import DevCA
 from tests.gateway.conftest import TEST_CONFIG, GatewayFactory, GatewayProcess
+from tests.webhook import Webhook
 
 pytestmark = [pytest.mark.timeout(90)]
 
@@ -172,66 +171,6 @@ def rpc(
     assert response.status_code == 200, response.text
     answer: dict[str, Any] = response.json()
     return answer
-
-
-@dataclass
-class Webhook:
-    """A local HTTP server that records every POST (headers and JSON body)."""
-
-    server: ThreadingHTTPServer
-    received: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
-    # Answers to give before accepting (e.g. [503, 503]: two refusals, then 200s).
-    refusals: list[int] = field(default_factory=list)
-    refused: list[int] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def states(self, task_id: str) -> list[str]:
-        return [
-            body["task"]["status"]["state"]
-            for _, body in self.received
-            if body.get("task", {}).get("id") == task_id
-        ]
-
-    def wait_for(self, task_id: str, state: str, timeout: float = 30) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            for headers, body in self.received:
-                task = body.get("task", {})
-                if task.get("id") == task_id and task.get("status", {}).get("state") == state:
-                    return headers
-            assert time.monotonic() < deadline, self.received
-            time.sleep(0.05)
-
-
-@pytest.fixture
-def webhook() -> Iterator[Webhook]:
-    hook: Webhook
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
-            length = int(self.headers.get("Content-Length", "0"))
-            body = json.loads(self.rfile.read(length))
-            if hook.refusals:
-                status = hook.refusals.pop(0)
-                hook.refused.append(status)
-                self.send_response(status)
-                self.end_headers()
-                return
-            hook.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    hook = Webhook(ThreadingHTTPServer(("127.0.0.1", 0), Handler))
-    thread = threading.Thread(target=hook.server.serve_forever, daemon=True)
-    thread.start()
-    yield hook
-    hook.server.shutdown()
 
 
 @pytest.fixture(scope="module")
