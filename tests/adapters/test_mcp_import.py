@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,17 +20,19 @@ from mcp import McpError, types
 
 from adapters.base import ToolLoadError
 from adapters.mcp import ADAPTER, IDEMPOTENCY_META, McpTool
+from gateway.a2a_agents import check_agents
 from gateway.audit import AUDIT_FILE_NAME
 from gateway.config import ConfigError, ToolConfig, parse_config
 from gateway.registry import Registry
 from tests.adapters.test_mcp_adapter import (
     TIMEOUT,
     Servers,
+    context,
     free_port,
     gateway_config,
     mcp_config,
 )
-from tests.gateway.conftest import GatewayFactory, GatewayProcess, mcp_session
+from tests.gateway.conftest import GatewayFactory, GatewayProcess, child_env, mcp_session
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -434,3 +437,32 @@ async def test_a_call_recorded_before_a_crash_finds_its_imported_tool_after_rest
     runs = remote.calls("wait_for_file")
     assert len(runs) >= 2, runs
     assert len({run["meta"][IDEMPOTENCY_META] for run in runs}) == 1
+
+
+async def test_an_import_over_stdio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "stdio.jsonl"
+    target = f"stdio:{sys.executable} -m tests.adapters.mcp_remote_server --stdio --log {log}"
+    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])  # `tests` importable there
+    entry = imported(target, ["shout", "add"], prefix="local.")
+    entry["options"]["env_from_env"] = {"PYTHONPATH": "PYTHONPATH"}
+    shout, add = await asyncio.to_thread(prepare_all, entry)
+    assert (shout.spec.name, add.spec.name) == ("local.shout", "local.add")
+    assert shout.spec.description == "Echo text back, as plain text."
+    assert await shout.invoke({"text": "quiet"}, context()) == "QUIET"
+    assert await add.invoke({"a": 1, "b": 2}, context()) == {"total": 3, "terms": 2}
+    assert [json.loads(line)["tool"] for line in log.read_text().splitlines()] == ["shout", "add"]
+
+
+async def test_a2a_agents_may_group_imported_tools(servers: Servers, tmp_path: Path) -> None:
+    remote = servers()
+    text = yaml.safe_dump(
+        {
+            "a2a": {"agents": [{"name": "files", "tools": ["files_add", "files_shout"]}]},
+            "tools": [imported(remote.url, ["add", "shout"], prefix="files_")],
+        }
+    )
+    config = parse_config(text, "agents.yaml", tmp_path)
+    registry = await asyncio.to_thread(Registry.from_config, config)
+    check_agents(config, registry)  # the loaded names: accepted
+    with pytest.raises(ConfigError, match="no tool named 'files_add'"):
+        check_agents(config)  # the entry names alone do not have them
