@@ -252,7 +252,7 @@ def _imported_tools(config: ToolConfig, options: McpOptions) -> list[McpTool]:
     except ServerUnreachable as exc:
         raise ToolLoadError(
             f"{exc}. The tools this entry imports are read from the server at start-up and at "
-            "each config reload: start the server first"
+            "each config reload: it must be up then, and accept the gateway's credentials"
         ) from None
     by_name: dict[str, types.Tool] = {}
     for remote in listed:

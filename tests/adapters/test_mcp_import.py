@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,10 @@ from gateway.a2a_agents import check_agents
 from gateway.audit import AUDIT_FILE_NAME
 from gateway.config import ConfigError, ToolConfig, parse_config
 from gateway.registry import Registry
+from identity.dev_ca import DevCA, write_x509_svid
 from tests.adapters.test_mcp_adapter import (
+    CALLER,
+    MTLS_REMOTE,
     TIMEOUT,
     Servers,
     context,
@@ -168,7 +172,7 @@ def test_an_unreachable_server_at_load_is_refused_naming_it() -> None:
         prepare_all(entry)
     message = str(refused.value)
     assert f"cannot read the tools of the MCP server {url}" in message
-    assert "start the server first" in message
+    assert "it must be up then" in message
 
 
 # --- the registry: names across entries -------------------------------------------------------
@@ -466,3 +470,52 @@ async def test_a2a_agents_may_group_imported_tools(servers: Servers, tmp_path: P
     check_agents(config, registry)  # the loaded names: accepted
     with pytest.raises(ConfigError, match="no tool named 'files_add'"):
         check_agents(config)  # the entry names alone do not have them
+
+
+async def test_an_import_from_a_remote_duragate_presents_the_gateways_own_identity(
+    gateways: GatewayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The remote requires a client certificate: the import (tools/list at start-up) and the
+    calls both present the front gateway's SVID from `identity.own`; without it, nothing
+    loads."""
+    effects = tmp_path / "effects.txt"
+    monkeypatch.setenv("SIDE_EFFECTS_FILE", str(effects))
+    remote_dir = tmp_path / "mtls"
+    ca = DevCA.create(remote_dir / "ca", "example.org")
+    cert, key = ca.issue_x509_svid(
+        "spiffe://example.org/remote",
+        timedelta(hours=1),
+        server_names=["127.0.0.1"],
+        for_server=True,
+    )
+    write_x509_svid(remote_dir / "server.pem", remote_dir / "server.key", cert, key)
+    (remote_dir / "gateway.yaml").write_text(MTLS_REMOTE)
+    remote = gateways(remote_dir / "gateway.yaml", data_dir=remote_dir / "data")
+    own = {"source": "dev_ca", "ca_dir": str(remote_dir / "ca"), "spiffe_id": CALLER}
+    entry = imported(remote.url, prefix="remote_")
+    entry["options"]["identity"] = "own"
+    front_config = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "identity": {"allow_anonymous": True, "own": own},
+        "tools": [entry],
+    }
+    (tmp_path / "front.yaml").write_text(yaml.safe_dump(front_config))
+    front = gateways(tmp_path / "front.yaml", data_dir=tmp_path / "front-data")
+    async with mcp_session(front.url) as session:
+        listed = {t.name: t for t in (await session.list_tools()).tools}
+        assert set(listed) == {"remote_record"}
+        assert set(listed["remote_record"].inputSchema["properties"]) == {"note"}
+        result = await session.call_tool("remote_record", {"note": "imported"})
+    assert not result.isError, (result, front.log(), remote.log())
+    assert result.structuredContent == {"note": "imported", "runs": 1}
+    assert f"principal={CALLER} tenant=team-a" in remote.log_path.read_text()
+
+    # The same import trusting the remote but without a certificate of its own: the remote
+    # refuses the connection, so the tools cannot be read and the gateway does not start.
+    del entry["options"]["identity"]
+    entry["options"]["tls"] = {"ca": str(remote_dir / "ca" / "bundle.pem")}
+    front_config["identity"] = {"allow_anonymous": True}
+    (tmp_path / "anonymous.yaml").write_text(yaml.safe_dump(front_config))
+    with pytest.raises(RuntimeError, match="did not start") as failed:
+        gateways(tmp_path / "anonymous.yaml", data_dir=tmp_path / "anonymous-data")
+    assert f"cannot read the tools of the MCP server {remote.url}" in str(failed.value)
