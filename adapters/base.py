@@ -5,6 +5,11 @@ package exposing `ADAPTER`, an object with a `kind` and a `prepare(config)` that
 target and returns a `PreparedTool`. The gateway only ever talks to `PreparedTool`s: it lists
 their `spec`s and, inside a workflow activity, calls `invoke`.
 
+A kind whose one config entry can make several tools (`mcp` importing a remote server's tools)
+also defines `prepare_all(config)`, returning every tool the entry makes (`ToolSource`); the
+registry then calls it instead of `prepare`. Each tool it returns has a name of its own, which
+is what callers, policies, limits, the audit log and the workflow input see.
+
 Failures, and what the dispatch path is expected to do with them:
 - `ToolLoadError` at start-up (target missing, bad signature): the gateway refuses to start.
 - `ToolError` from `invoke`: the tool decided the call failed (bad input it only detects
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from adapters.checkpoints import CheckpointStore, key
 from gateway.config import RetryConfig, TaskSupport, ToolConfig
@@ -29,7 +34,14 @@ ProgressReporter = Callable[[float, float | None, str | None], None]
 
 
 class ToolLoadError(Exception):
-    """A tool cannot be prepared. The message says what to fix, naming the target."""
+    """A tool cannot be prepared. The message says what to fix, naming the target.
+
+    `at` is the key of the tool's config entry the problem is about (`("options", "tools", 2)`),
+    so the error can name its line; by default the entry's `target`."""
+
+    def __init__(self, message: str, *, at: tuple[str | int, ...] = ("target",)) -> None:
+        super().__init__(message)
+        self.at = at
 
 
 class ToolError(Exception):
@@ -84,6 +96,9 @@ class ToolSpec:
     task_support: TaskSupport
     # The Dapr app whose workers run the tool; None: the gateway runs it itself.
     app_id: str | None = None
+    # For a tool that is one of several made by one config entry: what it is where it comes
+    # from ("remote tool 'read' imported by tools entry 'files'"), for errors that name it.
+    origin: str | None = None
 
     @classmethod
     def from_config(
@@ -214,3 +229,21 @@ class Adapter(Protocol):
     def prepare(self, config: ToolConfig) -> PreparedTool:
         """Load `config.target` and derive its spec; raise `ToolLoadError` if it cannot be."""
         ...
+
+
+@runtime_checkable
+class ToolSource(Protocol):
+    """A kind whose one config entry may make several tools (see the module doc)."""
+
+    def prepare_all(self, config: ToolConfig) -> list[PreparedTool]:
+        """Every tool `config` makes, in a stable order; raise `ToolLoadError` if any cannot
+        be prepared (an entry loads whole or not at all)."""
+        ...
+
+
+def prepare_entry(adapter: Adapter, config: ToolConfig) -> list[PreparedTool]:
+    """The tools one config entry makes: `prepare_all`'s when the kind has it, else the one
+    tool `prepare` makes."""
+    if isinstance(adapter, ToolSource):
+        return list(adapter.prepare_all(config))
+    return [adapter.prepare(config)]

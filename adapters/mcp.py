@@ -1,4 +1,6 @@
-"""The `mcp` tool kind: a tool of a remote MCP server, served as a gateway tool.
+"""The `mcp` tool kind: tools of a remote MCP server, served as gateway tools.
+
+One remote tool per entry:
 
     - name: remote_add
       kind: mcp
@@ -16,12 +18,31 @@
           key: /etc/duragate/svid.key    #   bundle that verifies the server (default: the
           ca: /etc/duragate/bundle.pem   #   system's CAs); read again for every call
 
-Schemas and description come from the remote server's `tools/list`, read once at start-up. A
-server that cannot be reached then stops the gateway from starting, with an error naming the
-URL, unless the config gives `input_schema` (and, if wanted, `output_schema`): then nothing is
-fetched at start-up and the server only has to be up when a call comes.
+Or every tool of the server, or an allow-list of them, from one entry:
 
-A call opens one MCP session and calls the remote tool:
+    - name: files                        # names the entry (in errors); not itself a tool
+      kind: mcp
+      target: https://files.example.com/mcp
+      options:
+        tools: "*"                       # or [read, write]: only these
+        prefix: files_                   # gateway tools files_read, files_write, ...
+        # ...and the same connection options as above
+
+Each imported tool is a gateway tool of its own, named `prefix` + its remote name, with the
+remote's description and input/output schemas, and the entry's timeout, retry and task
+support; policies, limits, the audit log and the workflow input name it by that name. The
+server must answer `tools/list` at start-up (and at each config reload: a reload that cannot
+read it fails as a whole, and the running tools stay). Refused at load: a name that is not a
+valid MCP tool name after prefixing, an allow-listed tool the server does not list, a remote
+schema that is not a JSON Schema of an object, and (in the registry) a name another entry
+already gives a tool.
+
+For one tool, schemas and description come from the remote server's `tools/list`, read once at
+start-up. A server that cannot be reached then stops the gateway from starting, with an error
+naming the URL, unless the config gives `input_schema` (and, if wanted, `output_schema`): then
+nothing is fetched at start-up and the server only has to be up when a call comes.
+
+A call opens one MCP session and calls the remote tool (`adapters._mcp_client`):
 - the remote's `isError` result becomes a `ToolError` with the remote's text (not retried);
   so does a JSON-RPC refusal of the call itself (unknown tool, invalid parameters);
 - an unreachable server, a broken connection, a timeout, an HTTP error status: an ordinary
@@ -43,411 +64,261 @@ is used without a restart.
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
+import dataclasses
 import logging
-import os
-import shlex
-import ssl
-import threading
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
-from datetime import timedelta
-from pathlib import Path
-from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, Literal
 
-import httpx
-from mcp import ClientSession, McpError, StdioServerParameters, types
-from mcp.client.stdio import get_default_environment, stdio_client
-from mcp.client.streamable_http import streamable_http_client
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from mcp import types
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-import adapters
-from adapters._outbound import OAuthTokens
-from adapters.base import ToolContext, ToolError, ToolLoadError, ToolSpec
-from gateway import __version__, telemetry
-from gateway.config import ToolConfig
-from identity.outbound import OutboundAuthError
+from adapters._mcp_client import (
+    IDEMPOTENCY_META,
+    ConnectionOptions,
+    RemoteCallError,
+    RemoteServer,
+    ServerUnreachable,
+)
+from adapters.base import PreparedTool, ToolContext, ToolLoadError, ToolSpec
+from gateway.config import TOOL_NAME_RE, ToolConfig, check_tool_schema
+
+__all__ = ["ADAPTER", "IDEMPOTENCY_META", "McpOptions", "McpTool", "RemoteCallError"]
 
 log = logging.getLogger(__name__)
 
-IDEMPOTENCY_META = "io.duragate/idempotency-key"
-STDIO_PREFIX = "stdio:"
-# JSON-RPC errors that refuse the call itself: repeating it cannot help.
-_REFUSALS = frozenset({types.METHOD_NOT_FOUND, types.INVALID_PARAMS})
-_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
-
-T = TypeVar("T")
+# Remote names shown in an error about a tool the server does not have.
+_SHOWN_NAMES = 20
 
 
-class TlsOptions(BaseModel):
-    """Client TLS for an https server: our certificate and key, and the CAs to trust."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    cert: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
-
-
-class McpOptions(BaseModel):
-    """`options` of an `mcp` tool."""
-
-    model_config = ConfigDict(extra="forbid")
+class McpOptions(ConnectionOptions):
+    """`options` of an `mcp` entry: the connection, and which remote tools it serves."""
 
     tool: str | None = Field(default=None, min_length=1)
-    bearer_token_env: str | None = Field(default=None, pattern=_ENV_NAME)
-    headers_from_env: dict[str, str] = Field(default_factory=dict)
-    env_from_env: dict[str, str] = Field(default_factory=dict)
-    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Import several tools: "*" (every tool the server lists) or an allow-list of remote names.
+    tools: Literal["*"] | list[str] | None = None
+    # Put before each imported tool's remote name to make its gateway name.
+    prefix: str = Field(default="", max_length=127, pattern=r"^[A-Za-z0-9_.\-]*$")
     call_timeout_seconds: float | None = Field(default=None, gt=0)
-    tls: TlsOptions | None = None
-    # "own": present the gateway's own identity (`identity.own` in gateway.yaml): its current
-    # X.509-SVID for mTLS over https, and a JWT-SVID for `jwt_audience` as a bearer token.
-    identity: Literal["own"] | None = None
-    jwt_audience: str | None = Field(default=None, min_length=1)
-    # An OAuth access token for the gateway itself (client credentials, RFC 6749 4.4) from this
-    # authorization server, sent as the bearer token (identity.outbound.OutboundOAuthConfig).
-    oauth: dict[str, Any] | None = None
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tools(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "*":
+            raise ValueError('give "*" (every tool of the server) or a list of remote tool names')
+        if isinstance(value, list):
+            if not value:
+                raise ValueError('an empty allow-list imports nothing: list tools, or give "*"')
+            seen: set[Any] = set()
+            for name in value:
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"{name!r} is not a remote tool name")
+                if name in seen:
+                    raise ValueError(f"{name!r} is listed twice")
+                seen.add(name)
+        return value
+
+    @model_validator(mode="after")
+    def _one_form(self) -> McpOptions:
+        if self.tools is not None and self.tool is not None:
+            raise ValueError("give `tool` (one remote tool) or `tools` (several), not both")
+        if self.prefix and self.tools is None:
+            raise ValueError("`prefix` names imported tools: it needs `tools`")
+        return self
 
 
-def client_tls(options: TlsOptions) -> ssl.SSLContext:
-    """The TLS context of one connection: the CAs to trust and the certificate to present."""
+def _options(config: ToolConfig) -> McpOptions:
     try:
-        context = ssl.create_default_context(cafile=str(options.ca) if options.ca else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ToolLoadError(f"tls.ca {options.ca}: cannot load trust anchors: {exc}") from None
-    if options.cert is not None and options.key is not None:
-        try:
-            context.load_cert_chain(str(options.cert), str(options.key))
-        except (OSError, ssl.SSLError) as exc:
-            raise ToolLoadError(
-                f"tls.cert {options.cert} / tls.key {options.key}: cannot load the client "
-                f"certificate: {exc}"
-            ) from None
-    return context
-
-
-class RemoteCallError(Exception):
-    """The remote server could not be reached or did not answer: worth retrying."""
-
-
-class McpAdapter:
-    kind = "mcp"
-
-    def prepare(self, config: ToolConfig) -> McpTool:
-        return McpTool(config)
-
-
-ADAPTER = McpAdapter()
-
-
-def _env(name: str, what: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        raise ToolLoadError(f"{what} comes from the environment variable {name}, which is not set")
-    return value
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _run_blocking(make: Callable[[], Coroutine[Any, Any, T]], timeout: float) -> T:
-    """Run a coroutine to completion from synchronous code (tools are prepared at start-up,
-    outside any event loop, or in a worker thread of one)."""
-
-    async def bounded() -> T:
-        async with asyncio.timeout(timeout):
-            return await make()
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(bounded())
-    # Called on a running loop's thread: use a private loop in a thread of its own.
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = asyncio.run(bounded())
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, name="mcp-prepare", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
-def _cause(exc: BaseException) -> BaseException:
-    """The first error of interest inside the exception groups the client's task groups raise."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _cause(inner)
-            if not isinstance(found, BaseExceptionGroup):
-                return found
-    return exc
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, httpx.HTTPStatusError):
-        return f"HTTP {exc.response.status_code}"
-    if isinstance(exc, McpError):
-        return exc.error.message
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _texts(result: types.CallToolResult) -> str:
-    return "\n".join(c.text for c in result.content if isinstance(c, types.TextContent))
-
-
-def result_value(result: types.CallToolResult) -> Any:
-    """What a successful remote call returned: its structured content, else its text, else
-    (images, resources, ...) its content blocks as JSON."""
-    if result.structuredContent is not None:
-        return result.structuredContent
-    if any(isinstance(c, types.TextContent) for c in result.content):
-        return _texts(result)
-    return [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in result.content]
+        return McpOptions.model_validate(config.options)
+    except ValidationError as exc:
+        errors = exc.errors()
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in errors
+        )
+        raise ToolLoadError(
+            f"bad options for an mcp tool: {problems}", at=("options", *errors[0]["loc"])
+        ) from None
 
 
 class McpTool:
-    """One tool of a remote MCP server."""
+    """One tool of a remote MCP server, served as the gateway tool `spec.name`."""
 
-    def __init__(self, config: ToolConfig) -> None:
-        try:
-            self.options = McpOptions.model_validate(config.options)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}"
-                for e in exc.errors()
-            )
-            raise ToolLoadError(f"bad options for an mcp tool: {problems}") from None
-        self.remote_name = self.options.tool or config.name
-        self.call_timeout = self.options.call_timeout_seconds or config.timeout_seconds
-        self._stdio: StdioServerParameters | None = None
-        self._headers: dict[str, str] = {}
-        self._oauth: OAuthTokens | None = None
-        target = config.target.strip()
-        if target.startswith(STDIO_PREFIX):
-            self.where = target
-            self._stdio = self._stdio_params(target)
-        else:
-            self.where = target
-            self._headers = self._check_http(target)
-        self._spec = self._load_spec(config)
+    def __init__(
+        self, server: RemoteServer, remote_name: str, spec: ToolSpec, call_timeout: float
+    ) -> None:
+        self.server = server
+        self.remote_name = remote_name
+        self.call_timeout = call_timeout
+        self._spec = spec
 
-    # --- start-up -----------------------------------------------------------------------
-    def _stdio_params(self, target: str) -> StdioServerParameters:
-        if (
-            self.options.headers_from_env
-            or self.options.bearer_token_env
-            or self.options.tls
-            or self.options.oauth
-        ):
-            raise ToolLoadError("headers and tls apply to an MCP server over HTTP, not over stdio")
-        try:
-            argv = shlex.split(target[len(STDIO_PREFIX) :])
-        except ValueError as exc:
-            raise ToolLoadError(f"target {target!r}: {exc}") from None
-        if not argv:
-            raise ToolLoadError(f"target {target!r} names no command after 'stdio:'")
-        env = get_default_environment()
-        for name, source in self.options.env_from_env.items():
-            env[name] = _env(source, f"the server's variable {name}")
-        return StdioServerParameters(command=argv[0], args=argv[1:], env=env)
+    @property
+    def options(self) -> ConnectionOptions:
+        return self.server.options
 
-    def _check_http(self, url: str) -> dict[str, str]:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ToolLoadError(
-                f"target {url!r} is not an MCP server URL (http:// or https://) nor "
-                f"'stdio:<command>'"
-            )
-        if self.options.env_from_env:
-            raise ToolLoadError("env_from_env applies to an MCP server over stdio, not HTTP")
-        headers: dict[str, str] = {}
-        for header, source in self.options.headers_from_env.items():
-            if not header or any(c in header for c in " :\r\n"):
-                raise ToolLoadError(f"{header!r} is not an HTTP header name")
-            headers[header] = _env(source, f"header {header}")
-        if self.options.bearer_token_env:
-            token = _env(self.options.bearer_token_env, "the bearer token")
-            headers["Authorization"] = f"Bearer {token}"
-        if headers and parts.scheme != "https" and not _is_loopback(parts.hostname):
-            raise ToolLoadError(
-                f"target {url!r}: credentials are sent only over https (or to a loopback host);"
-                " use an https:// URL"
-            )
-        if self.options.identity == "own":
-            if adapters.own_identity() is None:
-                raise ToolLoadError(
-                    "identity: own needs the gateway's own identity: set identity.own in the "
-                    "gateway config"
-                )
-            if self.options.tls is not None or self.options.bearer_token_env:
-                raise ToolLoadError(
-                    "identity: own presents the gateway's SVIDs: leave out tls and bearer_token_env"
-                )
-            if parts.scheme != "https" and not _is_loopback(parts.hostname):
-                raise ToolLoadError(
-                    f"target {url!r}: the gateway's identity is presented only over https "
-                    "(or to a loopback host)"
-                )
-        elif self.options.jwt_audience:
-            raise ToolLoadError("jwt_audience needs identity: own")
-        if self.options.oauth is not None:
-            if self.options.bearer_token_env or self.options.jwt_audience:
-                raise ToolLoadError(
-                    "oauth gets the bearer token: leave out bearer_token_env and jwt_audience"
-                )
-            if parts.scheme != "https" and not _is_loopback(parts.hostname):
-                raise ToolLoadError(
-                    f"target {url!r}: access tokens are sent only over https (or to a loopback "
-                    "host)"
-                )
-            self._oauth = OAuthTokens(self.options.oauth)
-        tls = self.options.tls
-        if tls is not None:
-            if parts.scheme != "https":
-                raise ToolLoadError(f"target {url!r}: tls options need an https:// URL")
-            if (tls.cert is None) != (tls.key is None):
-                raise ToolLoadError("tls.cert and tls.key go together: give both, or neither")
-            client_tls(tls)  # refuse a start with unreadable files, not the first call
-        return headers
-
-    def _load_spec(self, config: ToolConfig) -> ToolSpec:
-        if config.input_schema is not None:
-            # Schemas from the config: the server is only needed when a call comes.
-            return ToolSpec.from_config(
-                config, description=None, input_schema=config.input_schema, output_schema=None
-            )
-        timeout = self.options.connect_timeout_seconds
-        try:
-            remote = _run_blocking(self._fetch_tool, timeout)
-        except ToolLoadError:
-            raise
-        except Exception as exc:
-            raise ToolLoadError(
-                f"cannot read the schema of tool {self.remote_name!r} from the MCP server "
-                f"{self.where}: {_describe(_cause(exc))}. Start the server first, or give "
-                "input_schema (and output_schema) in the config to contact it only when called"
-            ) from None
-        return ToolSpec.from_config(
-            config,
-            description=remote.description,
-            input_schema=remote.inputSchema,
-            output_schema=remote.outputSchema,
-        )
-
-    async def _fetch_tool(self) -> types.Tool:
-        names: list[str] = []
-        async with self._session() as session:
-            cursor: str | None = None
-            while True:
-                page = await session.list_tools(
-                    params=types.PaginatedRequestParams(cursor=cursor) if cursor else None
-                )
-                for tool in page.tools:
-                    if tool.name == self.remote_name:
-                        return tool
-                    names.append(tool.name)
-                cursor = page.nextCursor
-                if not cursor:
-                    break
-        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-        raise ToolLoadError(
-            f"the MCP server {self.where} has no tool {self.remote_name!r} "
-            f"(it has: {shown or 'none'}); set options.tool to the remote name"
-        )
-
-    # --- calls --------------------------------------------------------------------------
-    @asynccontextmanager
-    async def _session(self) -> AsyncIterator[ClientSession]:
-        info = types.Implementation(name="duragate", version=__version__)
-        request_timeout = timedelta(seconds=self.options.connect_timeout_seconds)
-        if self._stdio is not None:
-            async with stdio_client(self._stdio) as (read, write):
-                async with ClientSession(
-                    read, write, read_timeout_seconds=request_timeout, client_info=info
-                ) as session:
-                    await session.initialize()
-                    yield session
-            return
-        timeout = httpx.Timeout(self.call_timeout, connect=self.options.connect_timeout_seconds)
-        verify: ssl.SSLContext | bool = True
-        headers = dict(self._headers)
-        if self.options.tls is not None:
-            # Read for every session: a renewed SVID is picked up without a restart.
-            verify = client_tls(self.options.tls)
-        elif self.options.identity == "own":
-            own = adapters.own_identity()
-            if own is None:
-                raise RemoteCallError("the gateway's own identity is not available")
-            if urlsplit(self.where).scheme == "https":
-                verify = own.client_ssl_context()  # the current SVID, rotations included
-            if self.options.jwt_audience:
-                token = await own.jwt_svid(self.options.jwt_audience)
-                headers["Authorization"] = f"Bearer {token}"
-        if self._oauth is not None:
-            try:
-                token = await self._oauth.token()
-            except OutboundAuthError as exc:
-                raise RemoteCallError(f"no access token for {self.where}: {exc}") from None
-            headers["Authorization"] = f"Bearer {token}"
-        async with httpx.AsyncClient(headers=headers, timeout=timeout, verify=verify) as http:
-            async with streamable_http_client(self.where, http_client=http) as (read, write, _):
-                async with ClientSession(
-                    read, write, read_timeout_seconds=request_timeout, client_info=info
-                ) as session:
-                    await session.initialize()
-                    yield session
+    @property
+    def where(self) -> str:
+        return self.server.where
 
     @property
     def spec(self) -> ToolSpec:
         return self._spec
 
     async def invoke(self, arguments: dict[str, Any], context: ToolContext) -> Any:
-        carrier = {IDEMPOTENCY_META: context.task_execution_id} if context.task_execution_id else {}
-        # The trace goes on to the remote (a remote Duragate continues it from `_meta`).
-        meta = telemetry.inject(carrier) or None
+        return await self.server.call(self.remote_name, arguments, context, self.call_timeout)
 
-        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-            context.progress(progress, total, message)
 
-        try:
-            async with self._session() as session:
-                result = await session.call_tool(
-                    self.remote_name,
-                    arguments,
-                    read_timeout_seconds=timedelta(seconds=self.call_timeout),
-                    progress_callback=on_progress,
-                    meta=meta,
+class McpAdapter:
+    kind = "mcp"
+
+    def prepare(self, config: ToolConfig) -> McpTool:
+        """The one tool of an entry without `options.tools`."""
+        options = _options(config)
+        if options.tools is not None:
+            raise ToolLoadError(
+                "options.tools imports several tools: this entry is loaded with prepare_all",
+                at=("options", "tools"),
+            )
+        return _one_tool(config, options)
+
+    def prepare_all(self, config: ToolConfig) -> list[PreparedTool]:
+        """Every tool the entry makes: the imported ones with `options.tools`, else one."""
+        options = _options(config)
+        if options.tools is None:
+            return [_one_tool(config, options)]
+        return list(_imported_tools(config, options))
+
+
+ADAPTER = McpAdapter()
+
+
+def _call_timeout(config: ToolConfig, options: McpOptions) -> float:
+    return options.call_timeout_seconds or config.timeout_seconds
+
+
+def _one_tool(config: ToolConfig, options: McpOptions) -> McpTool:
+    server = RemoteServer(config.target, options)
+    remote_name = options.tool or config.name
+    if config.input_schema is not None:
+        # Schemas from the config: the server is only needed when a call comes.
+        spec = ToolSpec.from_config(
+            config, description=None, input_schema=config.input_schema, output_schema=None
+        )
+        return McpTool(server, remote_name, spec, _call_timeout(config, options))
+    try:
+        listed = server.read_tools()
+    except ServerUnreachable as exc:
+        raise ToolLoadError(
+            f"cannot read the schema of tool {remote_name!r} from the MCP server {exc.where}: "
+            f"{exc.reason}. Start the server first, or give input_schema (and output_schema) in "
+            "the config to contact it only when called"
+        ) from None
+    remote = next((t for t in listed if t.name == remote_name), None)
+    if remote is None:
+        raise ToolLoadError(
+            f"the MCP server {server.where} has no tool {remote_name!r} "
+            f"(it has: {_shown(listed)}); set options.tool to the remote name"
+        )
+    spec = ToolSpec.from_config(
+        config,
+        description=remote.description,
+        input_schema=remote.inputSchema,
+        output_schema=remote.outputSchema,
+    )
+    return McpTool(server, remote_name, spec, _call_timeout(config, options))
+
+
+def _shown(listed: list[types.Tool]) -> str:
+    names = [t.name for t in listed]
+    shown = ", ".join(names[:_SHOWN_NAMES]) + (", ..." if len(names) > _SHOWN_NAMES else "")
+    return shown or "none"
+
+
+def _imported_tools(config: ToolConfig, options: McpOptions) -> list[McpTool]:
+    """The tools of the server that `options.tools` picks, each named `prefix` + remote name."""
+    if config.app_id is not None:
+        # The gateway lists a worker's tools from the config alone: it cannot know these.
+        raise ToolLoadError(
+            "an entry that imports tools (options.tools) runs in the gateway: leave out app_id",
+            at=("app_id",),
+        )
+    for key in ("description", "input_schema", "output_schema"):
+        if getattr(config, key) is not None:
+            raise ToolLoadError(
+                f"{key} describes one tool, and the tools this entry imports take theirs from "
+                "the server: leave it out (or serve that tool alone, with options.tool)",
+                at=(key,),
+            )
+    server = RemoteServer(config.target, options)
+    try:
+        listed = server.read_tools()
+    except ServerUnreachable as exc:
+        raise ToolLoadError(
+            f"{exc}. The tools this entry imports are read from the server at start-up and at "
+            "each config reload: it must be up then, and accept the gateway's credentials"
+        ) from None
+    by_name: dict[str, types.Tool] = {}
+    for remote in listed:
+        if remote.name in by_name:
+            raise ToolLoadError(f"the MCP server {server.where} lists tool {remote.name!r} twice")
+        by_name[remote.name] = remote
+    picked: list[tuple[types.Tool, tuple[str | int, ...]]]
+    if options.tools == "*":
+        picked = [(remote, ("options", "tools")) for remote in listed]
+    else:
+        assert options.tools is not None
+        picked = []
+        for index, name in enumerate(options.tools):
+            where = ("options", "tools", index)
+            if name not in by_name:
+                raise ToolLoadError(
+                    f"the MCP server {server.where} has no tool {name!r} (it has: "
+                    f"{_shown(listed)}); fix options.tools",
+                    at=where,
                 )
-        except Exception as exc:
-            cause = _cause(exc)
-            if isinstance(cause, McpError) and cause.error.code in _REFUSALS:
-                raise ToolError(
-                    f"the MCP server {self.where} refused the call of {self.remote_name!r}: "
-                    f"{cause.error.message}"
-                ) from None
-            raise RemoteCallError(
-                f"calling {self.remote_name!r} on the MCP server {self.where} failed: "
-                f"{_describe(cause)}"
+            picked.append((by_name[name], where))
+    tools = [_imported(config, options, server, remote, at) for remote, at in picked]
+    if not tools:
+        log.warning("tools entry %r: the MCP server %s lists no tools", config.name, server.where)
+    log.info("tools entry %r: %d tool(s) imported from %s", config.name, len(tools), server.where)
+    return tools
+
+
+def _imported(
+    config: ToolConfig,
+    options: McpOptions,
+    server: RemoteServer,
+    remote: types.Tool,
+    at: tuple[str | int, ...],
+) -> McpTool:
+    name = options.prefix + remote.name
+    leave_out = (
+        "leave it out with an allow-list (options.tools: [...])"
+        if options.tools == "*"
+        else "leave it out of options.tools"
+    )
+    if not TOOL_NAME_RE.fullmatch(name):
+        raise ToolLoadError(
+            f"remote tool {remote.name!r} would be served as {name!r}, which is not a valid MCP "
+            "tool name (1 to 128 letters, digits, '_', '-' or '.'): shorten options.prefix, or "
+            + leave_out,
+            at=at,
+        )
+    schemas = [("input", remote.inputSchema), ("output", remote.outputSchema)]
+    for what, schema in schemas:
+        if schema is None:
+            continue
+        try:
+            check_tool_schema(schema)
+        except ValueError as exc:
+            raise ToolLoadError(
+                f"the {what} schema of remote tool {remote.name!r} on {server.where}: {exc}; "
+                + leave_out,
+                at=at,
             ) from None
-        if result.isError:
-            message = _texts(result) or f"the remote tool {self.remote_name!r} reported an error"
-            raise ToolError(message, data=result.structuredContent)
-        return result_value(result)
+    spec = ToolSpec.from_config(
+        config,
+        description=remote.description or remote.title,
+        input_schema=remote.inputSchema,
+        output_schema=remote.outputSchema,
+    )
+    origin = f"remote tool {remote.name!r} imported by tools entry {config.name!r}"
+    spec = dataclasses.replace(spec, name=name, origin=origin)
+    return McpTool(server, remote.name, spec, _call_timeout(config, options))

@@ -6,6 +6,7 @@ each tool of an agent-like kind (or every tool, per `a2a.tools_as_agents`).
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 
 from gateway.config import AGENT_LIKE_KINDS, ConfigError, GatewayConfig
@@ -58,9 +59,11 @@ def _build_agents(config: GatewayConfig) -> dict[str, AgentDef]:
     return agents
 
 
-def check_agents(config: GatewayConfig) -> None:
-    """A ConfigError for agents that name tools the config does not have."""
-    names = {t.name for t in config.tools}
+def check_agents(config: GatewayConfig, tools: Container[str] | None = None) -> None:
+    """A ConfigError for agents that name tools the config does not have. `tools`: the names
+    of the loaded tools (the registry), which include those an entry imports (`mcp` with
+    `options.tools`); by default the config's entry names."""
+    names = tools if tools is not None else {t.name for t in config.tools}
     problems = [
         config.problem(
             ("a2a", "agents", i, "tools", j), f"agent {agent.name!r}: no tool named {tool!r}"

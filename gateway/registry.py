@@ -4,6 +4,11 @@ A registry is built whole from a config and never changed: a config reload build
 and swaps it in, so a call sees one consistent set of tools. Building it loads every target;
 if any tool cannot be loaded the whole build fails (the gateway must not half-start).
 
+One config entry usually makes one tool of its name; an entry whose kind is a `ToolSource`
+(`adapters.base`) may make several, each under a name of its own (an `mcp` entry importing a
+remote server's tools, `prefix` + remote name). Tool names are unique across all entries: a
+clash is a config error naming both entries.
+
 A tool with an `app_id` runs in the workers of that Dapr app (`duragate worker`), not in the
 gateway: the gateway's registry holds only its spec, taken from the config (`WorkerTool`), and
 never imports its target; a worker's registry loads just the tools of its own app.
@@ -18,7 +23,14 @@ from typing import Any
 from jsonschema.exceptions import ValidationError
 
 from adapters import adapter_for
-from adapters.base import PreparedTool, ToolContext, ToolError, ToolLoadError, ToolSpec
+from adapters.base import (
+    PreparedTool,
+    ToolContext,
+    ToolError,
+    ToolLoadError,
+    ToolSpec,
+    prepare_entry,
+)
 from gateway.config import (
     ConfigError,
     GatewayConfig,
@@ -58,6 +70,25 @@ def _problem(error: ValidationError) -> ArgumentProblem:
     return ArgumentProblem(format_location(tuple(error.absolute_path)) or "(root)", error.message)
 
 
+def _twice(
+    config: GatewayConfig, tool: PreparedTool, index: int, first: int, other: PreparedTool
+) -> str:
+    """Why `tool`, made by entry `index`, cannot be added: entry `first` already made `other`,
+    of the same name."""
+
+    def what(made: PreparedTool, entry: int) -> str:
+        return made.spec.origin or f"tools entry {config.tools[entry].name!r}"
+
+    name = tool.spec.name
+    if first == index:
+        return f"tool {name!r} ({what(tool, index)}) is made twice by the same entry"
+    return (
+        f"tool {name!r} ({what(tool, index)}) is already defined by tools[{first}] "
+        f"({what(other, first)}): tool names must be unique; rename one, or give the import "
+        "another prefix (options.prefix)"
+    )
+
+
 class WorkerTool:
     """A tool that runs in a worker app: its spec, from the config, and nothing to run here.
 
@@ -86,7 +117,7 @@ class WorkerTool:
 
 
 class Registry:
-    """Loaded tools by name, in config order."""
+    """Loaded tools by name, in config order (an entry's tools in the order it made them)."""
 
     def __init__(self, tools: list[PreparedTool]) -> None:
         self._tools: dict[str, PreparedTool] = {}
@@ -110,10 +141,14 @@ class Registry:
         targets not loaded). Otherwise a worker's: only the tools whose `app_id` it is."""
         tools: list[PreparedTool] = []
         problems = [] if app_id is not None else config.tool_app_problems()
+        # Which entry made each tool name: one entry may make several tools (an `mcp` entry
+        # importing a remote server's tools), and their names may meet another entry's.
+        made_by: dict[str, tuple[int, PreparedTool]] = {}
         for index, tool_config in enumerate(config.tools):
             if tool_config.app_id != app_id:
                 if app_id is None:
                     tools.append(WorkerTool(tool_config))
+                    made_by[tool_config.name] = (index, tools[-1])
                 continue
             try:
                 adapter = adapter_for(tool_config.kind)
@@ -122,10 +157,18 @@ class Registry:
                 problems.append(config.problem(("tools", index, "kind"), message))
                 continue
             try:
-                tools.append(adapter.prepare(tool_config))
+                made = prepare_entry(adapter, tool_config)
             except ToolLoadError as exc:
                 message = f"tool {tool_config.name!r} cannot be loaded: {exc}"
-                problems.append(config.problem(("tools", index, "target"), message))
+                problems.append(config.problem(("tools", index, *exc.at), message))
+                continue
+            for tool in made:
+                first = made_by.setdefault(tool.spec.name, (index, tool))
+                if first[1] is not tool:
+                    message = _twice(config, tool, index, *first)
+                    problems.append(config.problem(("tools", index, "name"), message))
+                    continue
+                tools.append(tool)
         if problems:
             raise ConfigError(problems)
         try:

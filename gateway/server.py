@@ -194,7 +194,7 @@ class Gateway:
         except telemetry.TelemetryConfigError as exc:
             raise GatewayStartError(str(exc)) from None
         registry = await asyncio.to_thread(Registry.from_config, self._config)
-        check_agents(self._config)
+        check_agents(self._config, registry)
         policy = await asyncio.to_thread(load_policy, self._config)
         try:
             paths.ensure_data_dir(self.data_dir)
@@ -304,7 +304,7 @@ class Gateway:
         does not load. Listen address, engine and data directory need a restart."""
         async with self._reload_lock:
             registry = await asyncio.to_thread(Registry.from_config, config)
-            check_agents(config)
+            check_agents(config, registry)
             # A broken trust bundle refuses the whole reload, as a broken tool does.
             from gateway.http_app import build_authenticator
 

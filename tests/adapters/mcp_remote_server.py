@@ -1,7 +1,10 @@
 """A remote MCP server for the `mcp` adapter's tests: FastMCP, as third-party servers use it.
 
     python -m tests.adapters.mcp_remote_server --port PORT --log FILE [--expect-token-env VAR]
+        [--extra-tool NAME]
     python -m tests.adapters.mcp_remote_server --stdio --log FILE
+
+`--extra-tool NAME` adds a tool `NAME` (echoes its `text`): a server whose tool list changed.
 
 Over Streamable HTTP on 127.0.0.1:PORT (path /mcp), or over stdio. Every tool run appends one
 JSON line to `--log` (`{"tool", "args", "meta", "auth"}`): what the tests count side effects
@@ -12,6 +15,7 @@ and check headers and `_meta` with. `auth` is whether the request's Authorizatio
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -78,13 +82,34 @@ async def count_up(steps: int, ctx: Context[Any, Any, Any]) -> int:
     return steps
 
 
+@server.tool(description="Waits until the file `path` exists (at most two minutes).")
+async def wait_for_file(path: str, ctx: Context[Any, Any, Any]) -> dict[str, Any]:
+    _record("wait_for_file", {"path": path}, ctx)
+    for _ in range(1200):
+        if Path(path).exists():
+            return {"seen": path}
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{path} did not appear")
+
+
+def _add_extra_tool(name: str) -> None:
+    def extra(text: str, ctx: Context[Any, Any, Any]) -> dict[str, str]:
+        _record(name, {"text": text}, ctx)
+        return {"echo": text}
+
+    server.add_tool(extra, name=name, description=f"The extra tool {name}.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--stdio", action="store_true")
     parser.add_argument("--log", type=Path, required=True)
     parser.add_argument("--expect-token-env")
+    parser.add_argument("--extra-tool")
     args = parser.parse_args()
+    if args.extra_tool:
+        _add_extra_tool(args.extra_tool)
     Settings.log = args.log
     if args.expect_token_env:
         Settings.token = os.environ[args.expect_token_env]

@@ -87,7 +87,9 @@ class Servers:
         self.tmp = tmp
         self.started: list[RemoteServer] = []
 
-    def __call__(self, port: int | None = None, token_env: str | None = None) -> RemoteServer:
+    def __call__(
+        self, port: int | None = None, token_env: str | None = None, extra_tool: str | None = None
+    ) -> RemoteServer:
         port = port or free_port()
         log = self.tmp / f"remote-{port}.jsonl"
         stderr = self.tmp / f"remote-{port}.stderr"
@@ -95,6 +97,8 @@ class Servers:
         cmd += ["--log", str(log)]
         if token_env:
             cmd += ["--expect-token-env", token_env]
+        if extra_tool:
+            cmd += ["--extra-tool", extra_tool]
         with open(stderr, "ab") as err:
             popen = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), stderr=err)
         server = RemoteServer(popen, port, log, stderr)
