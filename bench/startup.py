@@ -3,7 +3,8 @@
     python -m bench.startup [--config config/gateway.yaml] [--runs 3] [--call TOOL --args JSON]
 
 Each run starts `duragate serve` on a free loopback port with a fresh data directory, polls
-`/readyz` until it answers 200 and reads the resident memory (VmRSS, Linux /proc) of the gateway
+`/readyz` until it answers 200 and reads the CPU time spent so far (user + system; steadier than
+the wall time on a shared machine) and the resident memory (VmRSS, Linux /proc) of the gateway
 process and of the whole process tree (the embedded sidecar is a child process). With `--call`,
 one call of TOOL is then made over MCP (the real client) and the memory read again: what the
 first use of a lazily loaded tool costs. Prints one JSON document (medians over the runs).
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from bench.measure import cpu_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 120.0
@@ -97,13 +100,14 @@ def one_run(config: Path, tool: str | None, arguments: dict[str, Any]) -> dict[s
         started = time.monotonic()
         proc = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.DEVNULL)
         try:
-            ready = None
+            ready, cpu = None, 0.0
             while time.monotonic() - started < READY_TIMEOUT:
                 if proc.poll() is not None:
                     raise RuntimeError(f"the gateway exited with {proc.returncode}")
                 try:
                     if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
                         ready = time.monotonic() - started
+                        cpu = cpu_seconds(proc.pid)
                         break
                 except httpx.HTTPError:
                     pass
@@ -111,7 +115,11 @@ def one_run(config: Path, tool: str | None, arguments: dict[str, Any]) -> dict[s
             if ready is None:
                 raise RuntimeError("the gateway was not ready in time")
             time.sleep(0.5)  # let start-up work that follows readiness settle
-            run: dict[str, float] = {"ready_seconds": round(ready, 3), **memory(proc.pid)}
+            run: dict[str, float] = {
+                "ready_seconds": round(ready, 3),
+                "gateway_cpu_seconds_at_ready": round(cpu, 2),
+                **memory(proc.pid),
+            }
             if tool is not None:
                 seconds = asyncio.run(call(f"http://127.0.0.1:{port}/mcp", tool, arguments))
                 after = memory(proc.pid)
