@@ -16,10 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import yaml
+from mcp import types
 
+from examples.graphs import HOLD_ENV, TRACE_ENV
 from gateway.config import load_config
 from gateway.mcp_front import USAGE_META
 from tests.gateway.conftest import (
@@ -237,5 +240,60 @@ async def test_a_tool_the_policy_forbids_to_agents_fails_visibly(tmp_path: Path)
         assert [(d["principal"], d["chain"]) for d in denied] == [(ANALYST, [ANONYMOUS])]
         assert "agents may count texts of 40 characters at most" in str(denied[0])
         assert [r["principal"] for r in audit(gateway, "add", "scheduled")] == [ANONYMOUS]
+    finally:
+        factory.stop_all()
+
+
+@pytest.mark.crash
+async def test_sigkill_while_the_agent_waits_on_the_graph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's run and its tool calls are durable: killed while the graph it called is in
+    `draft`, the restarted gateway finishes the same call from the agent's checkpoint (the
+    finished word_count call not asked for again) and the graph resumes at `draft`."""
+    trace, hold = tmp_path / "trace.txt", tmp_path / "hold"
+    monkeypatch.setenv(TRACE_ENV, str(trace))  # the gateway processes inherit them
+    monkeypatch.setenv(HOLD_ENV, str(hold))
+    hold.touch()  # the graph waits in `draft`
+    factory = GatewayFactory(tmp_path)
+    data = tmp_path / "data"
+    try:
+        first = factory(config=DEMO, data_dir=data)
+        async with mcp_session(first.url) as session:
+            created = await session.experimental.call_tool_as_task(
+                "analyst", {"message": f"analyse: {TEXT}"}
+            )
+            task_id = created.task.taskId
+        deadline = time.monotonic() + 60
+        while "draft" not in (trace.read_text() if trace.exists() else ""):
+            assert time.monotonic() < deadline, first.log()
+            time.sleep(0.05)
+        first.kill()
+        hold.unlink()
+
+        second = factory(config=DEMO, data_dir=data)
+        async with mcp_session(second.url) as session:
+            with anyio.fail_after(90):
+                result = await session.experimental.get_task_result(task_id, types.CallToolResult)
+        assert not result.isError, (result, second.log())
+        assert result.structuredContent == {
+            "answer": "Analysis: 9 words, 1 line(s), 62 characters. Outline: 2 point(s). "
+            "Draft: Durable calls survive crashes / Policies decide who calls what",
+            "steps": 2,
+            "tool_calls": 2,
+        }
+        assert trace.read_text().split() == ["outline", "draft", "draft", "finish"]
+        # The retried agent went on from its checkpoint: the graph call still waiting was
+        # joined (replayed under its idempotency key), the finished word_count call was not even
+        # asked for again (a start from scratch would have replayed it too).
+        assert [c["state"] for c in child_calls(second, "word_count", 1)] == ["completed"]
+        assert len(audit(second, "pipeline", "replayed")) == 1
+        assert len(audit(second, "word_count", "scheduled")) == 1
+        records = (data / "audit.jsonl").read_text().splitlines()
+        assert not [
+            r
+            for r in map(json.loads, records)
+            if r.get("event") == "replayed" and r.get("tool") == "word_count"
+        ]
     finally:
         factory.stop_all()
