@@ -25,10 +25,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Stamps: an install is redone only when pyproject.toml changes (or the stamp is removed).
-# The demo config serves two LangGraph graphs: the demo install includes that extra.
+# The demo config serves LangGraph graphs and a CrewAI crew: the demo install is the `demo`
+# extra (both frameworks; the gateway imports CrewAI only on the crew's first call).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	@echo "Installing Duragate into $(VENV) ..."
-	$(PIP) install -e '.[langgraph]'
+	@echo "Installing Duragate and the demo's frameworks (LangGraph, CrewAI: a few minutes the first time) into $(VENV) ..."
+	$(PIP) install -e '.[demo]'
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
@@ -36,9 +37,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(PIP) install -e '.[test]'
 	@touch $@ $(VENV)/.installed $(VENV)/.installed-bench
 
+# Not the demo's stamp: the benchmarks do without CrewAI, which the demo needs.
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(PIP) install -e '.[bench,langgraph]'
-	@touch $@ $(VENV)/.installed
+	@touch $@
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test

@@ -8,6 +8,7 @@
         model: gpt-4o-mini
         base_url: https://api.openai.com/v1  # any OpenAI-compatible chat-completions endpoint
         api_key_env: OPENAI_API_KEY          # the key's environment variable (optional)
+        # script: examples.agents:analyst    # instead of model/base_url: a scripted model
         system_prompt: You are a helpful assistant.
         tools: [add, word_count]             # gateway tools the agent may call
         max_steps: 10                        # model calls per call, at most
@@ -38,6 +39,11 @@ context continues it (the last `memory_messages` messages, cut at a user message
 
 Usage: each response's `usage` (prompt, completion and total tokens) is summed, across retries,
 and reported with the result (for budgets). HTTP to the model is in `chat_completion` only.
+
+The model is either that HTTP API (`model`, `base_url`, ...) or, with `script`, a Python
+function given the same request body and returning the same response body
+(`adapters._scripted_model`): a deterministic, offline model for demos and tests that goes
+through the same loop, checkpoints, tool calls and usage reporting.
 """
 
 from __future__ import annotations
@@ -48,10 +54,11 @@ import json
 import os
 import re
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
+from adapters._scripted_model import ScriptedModel
 from adapters._targets import check_options
 from adapters.base import ToolContext, ToolError, ToolLoadError, ToolSpec
 from adapters.checkpoints import key
@@ -68,7 +75,10 @@ OPTIONS: dict[str, type | tuple[type, ...]] = {
     "max_retries": int,
     "tool_timeout_seconds": (int, float),
     "memory_messages": int,
+    "script": str,
 }
+# Options that only mean something for a model behind an HTTP API.
+HTTP_OPTIONS = ("base_url", "api_key_env", "request_timeout_seconds", "max_retries")
 FUNCTION_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
 MAX_RETRY_AFTER_SECONDS = 60.0
@@ -108,14 +118,18 @@ class AgentAdapter:
     def prepare(self, config: ToolConfig) -> AgentTool:
         name = config.name
         options = check_options(name, config.options, OPTIONS)
-        for required in ("model", "base_url"):
-            if not options.get(required):
-                raise ToolLoadError(f"tool {name!r}: option {required!r} is required")
-        if not options["base_url"].startswith(("http://", "https://")):
-            raise ToolLoadError(f"tool {name!r}: option 'base_url' must be an http(s) URL")
-        env = options.get("api_key_env")
-        if env is not None and not ENV_NAME_RE.fullmatch(env):
-            raise ToolLoadError(f"tool {name!r}: 'api_key_env' is not an environment variable name")
+        model: ChatModel
+        if "script" in options:
+            for http_only in HTTP_OPTIONS:
+                if http_only in options:
+                    raise ToolLoadError(
+                        f"tool {name!r}: option {http_only!r} is for a model behind an HTTP "
+                        "API; this agent's model is the function named by 'script'"
+                    )
+            model = ScriptedModel(name, options["script"])
+            options.setdefault("model", "scripted")
+        else:
+            model = HttpModel(name, options)
         tools = options.get("tools") or []
         for tool in tools:
             if not isinstance(tool, str) or not FUNCTION_NAME_RE.fullmatch(tool):
@@ -131,7 +145,7 @@ class AgentAdapter:
         for counted in ("max_retries", "memory_messages"):
             if counted in options and options[counted] < 0:
                 raise ToolLoadError(f"tool {name!r}: option {counted!r} must be >= 0")
-        return AgentTool(config, options)
+        return AgentTool(config, options, model)
 
 
 ADAPTER = AgentAdapter()
@@ -211,6 +225,52 @@ def _api_error(response: httpx.Response) -> str:
     return text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT] + "…"
 
 
+class ChatModel(Protocol):
+    """Where the agent's model calls go: a chat-completions request body in, the response
+    body out. Raises ModelError for a refusal for good; anything else is retried."""
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class HttpModel:
+    """A model behind an OpenAI-compatible chat-completions API."""
+
+    def __init__(self, tool: str, options: dict[str, Any]) -> None:
+        for required in ("model", "base_url"):
+            if not options.get(required):
+                raise ToolLoadError(
+                    f"tool {tool!r}: option {required!r} is required (or 'script' for a "
+                    "scripted model)"
+                )
+        if not options["base_url"].startswith(("http://", "https://")):
+            raise ToolLoadError(f"tool {tool!r}: option 'base_url' must be an http(s) URL")
+        env = options.get("api_key_env")
+        if env is not None and not ENV_NAME_RE.fullmatch(env):
+            raise ToolLoadError(f"tool {tool!r}: 'api_key_env' is not an environment variable name")
+        self._tool = tool
+        self._base_url: str = options["base_url"]
+        self._env: str | None = env
+        self._timeout = float(options.get("request_timeout_seconds", 60))
+        self._max_retries = int(options.get("max_retries", 4))
+
+    def _api_key(self) -> str | None:
+        if self._env is None:
+            return None
+        value = os.environ.get(self._env)
+        if not value:
+            raise ToolError(f"agent {self._tool}: environment variable {self._env!r} is not set")
+        return value
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await chat_completion(
+            self._base_url,
+            self._api_key(),
+            body,
+            timeout=self._timeout,
+            max_retries=self._max_retries,
+        )
+
+
 # --- the agent ------------------------------------------------------------------------------
 
 
@@ -229,14 +289,17 @@ def _pending_calls(messages: list[dict[str, Any]]) -> list[tuple[int, dict[str, 
 
 
 class AgentTool:
-    def __init__(self, config: ToolConfig, options: dict[str, Any]) -> None:
+    def __init__(self, config: ToolConfig, options: dict[str, Any], model: ChatModel) -> None:
         self._name = config.name
         self._options = options
+        self._model = model
         self._tools: list[str] = list(options.get("tools") or [])
         self._max_steps = int(options.get("max_steps", 10))
+        script = options.get("script")
+        model_name = f"scripted: {script}" if script else options["model"]
         self._spec = ToolSpec.from_config(
             config,
-            description=f"An LLM agent ({options['model']})",
+            description=f"An LLM agent ({model_name})",
             input_schema=INPUT_SCHEMA,
             output_schema=OUTPUT_SCHEMA,
         )
@@ -244,15 +307,6 @@ class AgentTool:
     @property
     def spec(self) -> ToolSpec:
         return self._spec
-
-    def _api_key(self) -> str | None:
-        env = self._options.get("api_key_env")
-        if env is None:
-            return None
-        value = os.environ.get(env)
-        if not value:
-            raise ToolError(f"agent {self._name}: environment variable {env!r} is not set")
-        return value
 
     def _memory_key(self, context: ToolContext, context_id: str) -> str:
         caller = context.principal or {}
@@ -337,13 +391,7 @@ class AgentTool:
         if functions:
             body["tools"] = functions
         try:
-            data = await chat_completion(
-                self._options["base_url"],
-                self._api_key(),
-                body,
-                timeout=float(self._options.get("request_timeout_seconds", 60)),
-                max_retries=int(self._options.get("max_retries", 4)),
-            )
+            data = await self._model.complete(body)
         except ModelError as exc:
             raise ToolError(f"agent {self._name}: {exc}") from None
         usage = data.get("usage")

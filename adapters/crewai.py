@@ -4,6 +4,9 @@
       kind: crewai
       target: examples.crews:research_crew   # a Crew, or a function returning a fresh one
       input_schema: {...}                    # optional: replaces the derived schema
+      options:
+        lazy: true                           # optional: import CrewAI and the crew on the
+                                             # first call, not at start-up (needs input_schema)
 
 Input: CrewAI has no declared inputs; the crew's inputs are the `{placeholders}` in its
 agents' role, goal and backstory and its tasks' description, expected output and output file.
@@ -33,11 +36,23 @@ OpenTelemetry too. CrewAI still creates `~/.config/crewai` and a key file under
 `~/.local/share/crewai` when imported; nothing leaves the machine.
 
 `kickoff()` blocks: it runs in a worker thread, never on the event loop.
+
+Lazy loading (`lazy: true`). Importing CrewAI costs about 2-3 s and 100-200 MiB; a gateway that
+serves a crew among other tools need not pay that at start-up, nor at all if the crew is never
+called. With `lazy`, the tool is listed from the config (its `input_schema` is required: the
+placeholders cannot be read without importing the crew; `output_schema` defaults to the
+`{"result": string}` a crew without `output_json`/`output_pydantic` returns), and CrewAI and
+the target are imported on the first call, in a worker thread. At start-up only what costs
+nothing is checked: that CrewAI is installed and the target's module exists. A target that
+then fails to load, or a crew whose output does not fit the declared output schema, fails the
+call with the reason (not retried).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import logging
 import os
 import re
 import threading
@@ -48,7 +63,7 @@ from typing import Any
 from pydantic_core import to_jsonable_python
 
 from adapters import data_dir
-from adapters._targets import check_options, import_target, object_or_factory
+from adapters._targets import TARGET_RE, check_options, import_target, object_or_factory
 from adapters.base import ToolContext, ToolError, ToolLoadError, ToolSpec
 from gateway.config import ToolConfig
 
@@ -61,7 +76,14 @@ OFF_THE_NETWORK = {
     "CREWAI_TRACING_ENABLED": "false",
     "CREWAI_DISABLE_VERSION_CHECK": "true",
 }
-OPTIONS: dict[str, type | tuple[type, ...]] = {}
+OPTIONS: dict[str, type | tuple[type, ...]] = {"lazy": bool}
+# The result of a crew whose last task declares no output model (also a lazy crew's default).
+WRAPPED_OUTPUT: dict[str, Any] = {
+    "type": "object",
+    "properties": {"result": {"type": "string"}},
+    "required": ["result"],
+}
+log = logging.getLogger(__name__)
 USAGE_FIELDS = (
     "total_tokens",
     "prompt_tokens",
@@ -85,8 +107,14 @@ def quiet_environment() -> None:
 class CrewAIAdapter:
     kind = "crewai"
 
-    def prepare(self, config: ToolConfig) -> CrewTool:
-        check_options(config.name, config.options, OPTIONS)
+    def prepare(self, config: ToolConfig) -> CrewTool | LazyCrewTool:
+        options = check_options(config.name, config.options, OPTIONS)
+        if options.get("lazy"):
+            return LazyCrewTool(config)
+        return self.load(config)
+
+    def load(self, config: ToolConfig) -> CrewTool:
+        """Import CrewAI and the target, and derive the tool from the crew."""
         quiet_environment()
         try:
             from crewai import Crew
@@ -146,11 +174,7 @@ class CrewTool:
             output_schema = _model_schema(model)
             self._wrapped = False
         else:
-            output_schema = {
-                "type": "object",
-                "properties": {"result": {"type": "string"}},
-                "required": ["result"],
-            }
+            output_schema = WRAPPED_OUTPUT
             self._wrapped = True
         description = f"CrewAI crew: {len(crew.tasks)} task(s), {len(crew.agents)} agent(s)"
         self._spec = ToolSpec.from_config(
@@ -222,3 +246,70 @@ class CrewTool:
             return {"result": str(output.raw)}
         except Exception as exc:  # pragma: no cover - raw is a string in CrewAI
             raise ToolError(f"{self._spec.target}: the crew's output is not text: {exc}") from None
+
+
+class LazyCrewTool:
+    """A crew listed from its config, imported (CrewAI included) on its first call."""
+
+    def __init__(self, config: ToolConfig) -> None:
+        name = config.name
+        if config.input_schema is None:
+            raise ToolLoadError(
+                f"tool {name!r}: option 'lazy' needs 'input_schema' in the config: the crew's "
+                "{placeholders} cannot be read without importing it"
+            )
+        if importlib.util.find_spec("crewai") is None:
+            raise ToolLoadError(
+                "the crewai tool kind needs crewai (pip install 'duragate[crewai]')"
+            )
+        match = TARGET_RE.fullmatch(config.target)
+        if match is None:
+            raise ToolLoadError(
+                f"target {config.target!r} is not of the form 'package.module:attribute'"
+            )
+        try:
+            found = importlib.util.find_spec(match["module"])
+        except ImportError as exc:  # a parent package that is missing or fails to import
+            raise ToolLoadError(f"target {config.target!r}: {exc}") from None
+        if found is None:
+            raise ToolLoadError(f"target {config.target!r}: no module named {match['module']!r}")
+        self._config = config
+        self._tool: CrewTool | None = None
+        self._lock = threading.Lock()
+        self._spec = ToolSpec.from_config(
+            config,
+            description=f"CrewAI crew ({config.target})",
+            input_schema=config.input_schema,
+            output_schema=WRAPPED_OUTPUT,
+        )
+
+    @property
+    def spec(self) -> ToolSpec:
+        return self._spec
+
+    def _load(self) -> CrewTool:
+        with self._lock:  # the first calls may come together: one import
+            if self._tool is None:
+                log.info(
+                    "tool %s: loading the crew %s on its first call",
+                    self._spec.name,
+                    self._config.target,
+                )
+                try:
+                    tool = ADAPTER.load(self._config)
+                except ToolLoadError as exc:
+                    raise ToolError(f"tool {self._spec.name!r} cannot be loaded: {exc}") from None
+                if tool.spec.output_schema != self._spec.output_schema:
+                    raise ToolError(
+                        f"tool {self._spec.name!r}: the crew's result does not fit the output "
+                        "schema it is listed with; a lazy crew whose last task declares "
+                        "output_json or output_pydantic needs 'output_schema' in the config"
+                    )
+                self._tool = tool
+            return self._tool
+
+    async def invoke(self, arguments: dict[str, Any], context: ToolContext) -> Any:
+        tool = self._tool
+        if tool is None:  # the import blocks for seconds: never on the event loop
+            tool = await asyncio.to_thread(self._load)
+        return await tool.invoke(arguments, context)

@@ -63,3 +63,30 @@ def flaky_graph() -> Any:
     graph.add_edge("prepare", "unstable")
     graph.add_edge("unstable", END)
     return graph.compile()
+
+
+def refusing_script(request: dict[str, Any]) -> dict[str, Any]:
+    """A scripted model that refuses every request for good."""
+    from adapters.agent import ModelError
+
+    raise ModelError(f"the script will not answer {request['model']!r}")
+
+
+async def text_script(request: dict[str, Any]) -> Any:
+    """A scripted model that answers something that is not a response body."""
+    return "just text"
+
+
+def structured_crew() -> Any:
+    """The example crew, its last task declaring a pydantic output (so its result is that
+    model's object, not `{"result": text}`)."""
+    from pydantic import BaseModel
+
+    from examples.crews import research_crew
+
+    class Brief(BaseModel):
+        title: str
+
+    crew = research_crew()
+    crew.tasks[-1].output_pydantic = Brief
+    return crew

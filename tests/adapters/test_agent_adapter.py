@@ -19,7 +19,7 @@ import yaml
 from mcp import types
 
 from adapters import adapter_for
-from adapters.base import ToolLoadError
+from adapters.base import ToolContext, ToolError, ToolLoadError
 from gateway.config import ToolConfig
 from gateway.mcp_front import USAGE_META
 from tests.adapters.chat_server import ChatServer, Reply, text, tool_call
@@ -277,3 +277,50 @@ def test_options_are_checked_when_the_tool_loads() -> None:
         prepare(model="m", base_url="http://x", max_steps=0)
     tool = prepare(model="m", base_url="http://x", tools=["add"])
     assert tool.spec.input_schema["required"] == ["message"]
+
+    # A scripted model instead of an HTTP API.
+    with pytest.raises(ToolLoadError, match="'base_url' is for a model behind an HTTP API"):
+        prepare(script="examples.agents:analyst", base_url="http://x")
+    with pytest.raises(ToolLoadError, match="'max_retries' is for a model behind an HTTP API"):
+        prepare(script="examples.agents:analyst", max_retries=2)
+    with pytest.raises(ToolLoadError, match="no module named 'examples.nope'"):
+        prepare(script="examples.nope:analyst")
+    with pytest.raises(
+        ToolLoadError, match="names 'examples.agents:NUMBER', a str, not a function"
+    ):
+        prepare(script="examples.agents:NUMBER")
+    with pytest.raises(ToolLoadError, match="must take one argument"):
+        prepare(script="tests.adapters.targets:not_a_graph")
+    with pytest.raises(ToolLoadError, match=r"'model' is required \(or 'script'"):
+        prepare(tools=["add"])
+    scripted = prepare(script="examples.agents:analyst", tools=["add"])
+    assert scripted.spec.description == "An LLM agent (scripted: examples.agents:analyst)"
+
+
+class MemoryStore:
+    """Checkpoints in a dict (the scripted model's failures need no engine)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    async def aget(self, name: str) -> Any:
+        return self.values.get(name)
+
+    async def aput(self, name: str, value: Any) -> None:
+        self.values[name] = json.loads(json.dumps(value))
+
+
+async def test_a_scripted_model_refusing_or_answering_nonsense() -> None:
+    def run(script: str) -> Any:
+        tool = adapter_for("agent").prepare(
+            ToolConfig(name="a", kind="agent", target="a", options={"script": script})
+        )
+        context = ToolContext("call-1", "exec-1", checkpoints=MemoryStore())  # type: ignore[arg-type]
+        return tool.invoke({"message": "hello"}, context)
+
+    # ModelError: a refusal for good, the tool's error (as a 4xx from an API).
+    with pytest.raises(ToolError, match="agent a: the script will not answer 'scripted'"):
+        await run("tests.adapters.targets:refusing_script")
+    # Anything else is unexpected, retried by the tool's retry policy (as a 5xx).
+    with pytest.raises(RuntimeError, match="returned a str, not a chat-completions response"):
+        await run("tests.adapters.targets:text_script")

@@ -16,7 +16,7 @@ import pytest
 from mcp import types
 
 from adapters import adapter_for
-from adapters.base import ToolContext, ToolLoadError
+from adapters.base import ToolContext, ToolError, ToolLoadError
 from gateway.config import EmbeddedEngineConfig, ToolConfig
 from gateway.mcp_front import ERROR_META, USAGE_META
 from gateway.runtime import DurableRuntime
@@ -218,3 +218,33 @@ def test_load_errors() -> None:
         prepare(target="tests.adapters.targets:needs_arguments")
     with pytest.raises(ToolLoadError, match="returned a str, not a CrewAI Crew"):
         prepare(target="tests.adapters.targets:not_a_graph")
+    with pytest.raises(ToolLoadError, match="tool 'c': option 'lazy' needs 'input_schema'"):
+        prepare(target="examples.crews:research_crew", options={"lazy": True})
+
+
+SCHEMA = TOOLS[1]["input_schema"]
+
+
+async def test_a_lazy_crew_fails_its_call_when_it_cannot_be_loaded(tmp_path: Path) -> None:
+    adapter = adapter_for("crewai")
+
+    def lazy(target: str) -> Any:
+        config = ToolConfig(
+            name="c", kind="crewai", target=target, input_schema=SCHEMA, options={"lazy": True}
+        )
+        return adapter.prepare(config)
+
+    # What can be checked without importing anything is checked at start-up.
+    with pytest.raises(ToolLoadError, match="target 'examples.nope:crew': no module named"):
+        lazy("examples.nope:crew")
+    with pytest.raises(ToolLoadError, match="is not of the form"):
+        lazy("examples.crews")
+    # The rest on the first call: the call fails with the reason (a ToolError, not retried).
+    context = ToolContext("call-1", "exec-1")
+    missing = lazy("examples.crews:no_such_crew")
+    assert missing.spec.input_schema == SCHEMA
+    with pytest.raises(ToolError, match="'examples.crews' has no attribute 'no_such_crew'"):
+        await missing.invoke({"topic": "t", "audience": "a"}, context)
+    structured = lazy("tests.adapters.targets:structured_crew")
+    with pytest.raises(ToolError, match="needs 'output_schema' in the config"):
+        await structured.invoke({"topic": "t", "audience": "a"}, context)

@@ -53,11 +53,13 @@ def test_demo_config() -> None:
     assert config.engine.synchronous == "FULL"
     assert config.identity.allow_anonymous is True
     names = ["add", "slow_echo", "flaky", "fail", "word_count", "pipeline", "review"]
-    assert [t.name for t in config.tools] == names
+    assert [t.name for t in config.tools] == [*names, "research", "analyst"]
     flaky = config.tools[2]
     assert flaky.retry.max_attempts == 3
-    assert [t.kind for t in config.tools] == ["python"] * 5 + ["langgraph"] * 2
+    kinds = ["python"] * 5 + ["langgraph"] * 2 + ["crewai", "agent"]
+    assert [t.kind for t in config.tools] == kinds
     assert config.tools[5].options == {"recursion_limit": 25}
+    assert config.tools[7].options == {"lazy": True}
     assert config.source == str(REPO / "config" / "gateway.yaml")
     assert config.line_of(("tools", 2, "retry", "max_attempts")) is not None
 

@@ -28,8 +28,9 @@ def problems(registry: Registry, name: str, arguments: object) -> list[str]:
 
 def test_demo_registry(demo: Registry) -> None:
     names = ["add", "slow_echo", "flaky", "fail", "word_count", "pipeline", "review"]
+    names += ["research", "analyst"]
     assert [s.name for s in demo.specs()] == names
-    assert list(demo) == names and len(demo) == 7 and "add" in demo
+    assert list(demo) == names and len(demo) == 9 and "add" in demo
     add = demo.get("add")
     assert add is not None and add.spec.timeout_seconds == 10
     assert demo.get("nope") is None
