@@ -19,7 +19,10 @@ COPY adapters ./adapters
 COPY identity ./identity
 COPY policies ./policies
 COPY examples ./examples
-RUN /opt/duragate/bin/pip install . && /opt/duragate/bin/duragate version
+# The extras to install: `demo` (LangGraph and CrewAI) serves the demo configuration below; an
+# image for a deployment whose tools need none builds with `--build-arg EXTRAS=`.
+ARG EXTRAS=demo
+RUN /opt/duragate/bin/pip install ".${EXTRAS:+[$EXTRAS]}" && /opt/duragate/bin/duragate version
 
 
 FROM python:3.11-slim
