@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Container
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gateway.config import AGENT_LIKE_KINDS, ConfigError, GatewayConfig
+
+if TYPE_CHECKING:
+    from gateway.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -28,34 +32,37 @@ class AgentDef:
         return self.tools is None or tool in self.tools
 
 
-# The agents of the config in force: asked on every A2A request, changed only by a reload (which
-# brings a new config object).
-_agents: tuple[GatewayConfig, dict[str, AgentDef]] | None = None
+# The agents of the config and tools in force: asked on every A2A request, changed only by a
+# reload (which brings a new config and registry).
+_agents: tuple[GatewayConfig, Registry, dict[str, AgentDef]] | None = None
 
 
-def agents_of(config: GatewayConfig) -> dict[str, AgentDef]:
-    """The agents `config` exposes, by name ("" is the gateway itself). Do not change it."""
+def agents_of(config: GatewayConfig, registry: Registry) -> dict[str, AgentDef]:
+    """The agents `config` exposes with the tools `registry` loaded from it, by name ("" is the
+    gateway itself). Do not change it."""
     global _agents
-    if _agents is not None and _agents[0] is config:
-        return _agents[1]
-    agents = _build_agents(config)
-    _agents = (config, agents)
+    if _agents is not None and _agents[0] is config and _agents[1] is registry:
+        return _agents[2]
+    agents = _build_agents(config, registry)
+    _agents = (config, registry, agents)
     return agents
 
 
-def _build_agents(config: GatewayConfig) -> dict[str, AgentDef]:
+def _build_agents(config: GatewayConfig, registry: Registry) -> dict[str, AgentDef]:
     agents = {"": AgentDef("", "Every tool of this Duragate gateway that you may call.", None)}
     for agent in config.a2a.agents:
         description = agent.description or f"Tools: {', '.join(agent.tools)}."
         agents[agent.name] = AgentDef(agent.name, description, tuple(agent.tools))
     mode = config.a2a.tools_as_agents
-    for tool in config.tools:
-        if mode == "none" or (mode == "agent_like" and tool.kind not in AGENT_LIKE_KINDS):
+    # The loaded tools, not the config's entries: one entry may make several tools (an `mcp`
+    # import), each an agent of its own.
+    for spec in registry.specs():
+        if mode == "none" or (mode == "agent_like" and spec.kind not in AGENT_LIKE_KINDS):
             continue
-        name = tool.name.lower().replace(".", "-")
+        name = spec.name.lower().replace(".", "-")
         if name in agents or not name[:1].isalnum():
             continue
-        agents[name] = AgentDef(name, tool.description or tool.name, (tool.name,))
+        agents[name] = AgentDef(name, spec.description or spec.name, (spec.name,))
     return agents
 
 

@@ -136,7 +136,7 @@ def build_card(
                 "description": a.description,
                 "card": f"{base}{a.path}/.well-known/agent-card.json",
             }
-            for a in agents_of(config).values()
+            for a in agents_of(config, host.dispatcher.registry).values()
             if a.name and any(a.offers(t) for t in visible)
         ]
         extension = AgentExtension(

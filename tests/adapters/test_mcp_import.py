@@ -21,7 +21,7 @@ from mcp import McpError, types
 
 from adapters.base import ToolLoadError
 from adapters.mcp import ADAPTER, IDEMPOTENCY_META, McpTool
-from gateway.a2a_agents import check_agents
+from gateway.a2a_agents import agents_of, check_agents
 from gateway.audit import AUDIT_FILE_NAME
 from gateway.config import ConfigError, ToolConfig, parse_config
 from gateway.registry import Registry
@@ -470,6 +470,28 @@ async def test_a2a_agents_may_group_imported_tools(servers: Servers, tmp_path: P
     check_agents(config, registry)  # the loaded names: accepted
     with pytest.raises(ConfigError, match="no tool named 'files_add'"):
         check_agents(config)  # the entry names alone do not have them
+
+
+async def test_every_imported_tool_is_an_a2a_agent_when_every_tool_is(
+    servers: Servers, tmp_path: Path
+) -> None:
+    remote = servers()
+    text = yaml.safe_dump(
+        {
+            "a2a": {"tools_as_agents": "all"},
+            "tools": [
+                {"name": "plus", "kind": "python", "target": "examples.tools:add"},
+                imported(remote.url, ["add", "shout"], prefix="files_"),
+            ],
+        }
+    )
+    config = parse_config(text, "agents.yaml", tmp_path)
+    registry = await asyncio.to_thread(Registry.from_config, config)
+    agents = agents_of(config, registry)
+    # One agent per loaded tool; none named after the import entry, which is not a tool.
+    assert set(agents) == {"", "plus", "files_add", "files_shout"}
+    assert agents["files_shout"].tools == ("files_shout",)
+    assert agents["files_add"].description == registry.specs()[1].description
 
 
 async def test_an_import_from_a_remote_duragate_presents_the_gateways_own_identity(
