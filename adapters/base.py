@@ -84,6 +84,11 @@ class ToolSpec:
     task_support: TaskSupport
     # The Dapr app whose workers run the tool; None: the gateway runs it itself.
     app_id: str | None = None
+    # The Dapr workflow (registered by the app `app_id`) that runs a call, as a child workflow
+    # of the call's own, with the arguments as its input and its output as the result; None:
+    # the `duragate.tool` activity runs the call through `invoke`. (A kind that sets it is
+    # named in `gateway.config.WORKFLOW_KINDS`.)
+    workflow: str | None = None
 
     @classmethod
     def from_config(

@@ -20,6 +20,7 @@ from jsonschema.exceptions import ValidationError
 from adapters import adapter_for
 from adapters.base import PreparedTool, ToolContext, ToolError, ToolLoadError, ToolSpec
 from gateway.config import (
+    WORKFLOW_KINDS,
     ConfigError,
     GatewayConfig,
     ToolConfig,
@@ -111,7 +112,10 @@ class Registry:
         tools: list[PreparedTool] = []
         problems = [] if app_id is not None else config.tool_app_problems()
         for index, tool_config in enumerate(config.tools):
-            if tool_config.app_id != app_id:
+            runs_here = tool_config.app_id == app_id
+            if tool_config.kind in WORKFLOW_KINDS:
+                runs_here = app_id is None  # the gateway schedules its workflow; no worker runs it
+            if not runs_here:
                 if app_id is None:
                     tools.append(WorkerTool(tool_config))
                 continue
