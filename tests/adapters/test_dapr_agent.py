@@ -18,6 +18,7 @@ import re
 import select
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import anyio
 import dapr.ext.workflow as wf
 import pytest
 import yaml
+from mcp import types
 
 from adapters.base import ToolLoadError
 from adapters.dapr_agent import ADAPTER, agent_workflow_name
@@ -68,9 +70,22 @@ def agents_venv() -> Venv:
     return venv
 
 
-def script(body: dict[str, Any]) -> Reply:
+class Script:
     """The agent's model: call get_weather for the city in the task, then answer with what it
-    said. Dapr Agents also asks for a JSON summary of the run (its conversation memory)."""
+    said. Dapr Agents also asks for a JSON summary of the run (its conversation memory). While
+    `hold` is set, the first turn of a task about Rome waits for it."""
+
+    def __init__(self) -> None:
+        self.hold: threading.Event | None = None
+
+    def __call__(self, body: dict[str, Any]) -> Reply:
+        reply = script(body)
+        if self.hold is not None and reply.message.get("tool_calls") and "Rome" in str(body):
+            reply.hold = self.hold
+        return reply
+
+
+def script(body: dict[str, Any]) -> Reply:
     if body.get("response_format"):
         return text(json.dumps({"summary": SUMMARY}))
     messages = body["messages"]
@@ -86,8 +101,10 @@ def script(body: dict[str, Any]) -> Reply:
 
 @pytest.fixture
 def chat() -> Iterator[ChatServer]:
-    server = ChatServer(script)
+    server = ChatServer(Script())
     yield server
+    if isinstance(server.script, Script) and server.script.hold is not None:
+        server.script.hold.set()
     server.close()
 
 
@@ -281,6 +298,48 @@ async def test_a_call_waits_for_the_agent_app_to_connect(
     assert result.structuredContent["content"].startswith(
         f"Forecast from the agent: sunny in Lima (pid {app.pid},"
     )
+
+
+@pytest.mark.crash
+async def test_a_gateway_killed_mid_run_resumes_the_same_agent_run(
+    setup: Setup, spawn_gateway: GatewayFactory, agent_apps: Any, chat: ChatServer, tmp_path: Path
+) -> None:
+    hold = threading.Event()
+    assert isinstance(chat.script, Script)
+    chat.script.hold = hold
+    data_dir = tmp_path / "data"
+    first = spawn_gateway(config=setup.config, data_dir=data_dir)
+    app = agent_apps()
+    async with mcp_session(first.url) as session:
+        created = await session.experimental.call_tool_as_task(AGENT, {"task": "Weather in Rome?"})
+        task_id = created.task.taskId
+        deadline = time.monotonic() + 60
+        while not any("Rome" in str(r) for r in chat.requests):  # the agent asks its model
+            assert time.monotonic() < deadline, app.log()
+            await anyio.sleep(0.05)
+        first.kill()  # SIGKILL: the gateway and its embedded sidecar go, the agent app stays
+    hold.set()  # the model answers; the agent cannot report it until a sidecar is back
+    second = spawn_gateway(config=setup.config, data_dir=data_dir)
+    async with mcp_session(second.url) as session:
+        with anyio.fail_after(180):
+            result = await session.experimental.get_task_result(task_id, types.CallToolResult)
+    assert not result.isError, (result, second.log(), app.log())
+    assert result.structuredContent is not None
+    assert result.structuredContent["content"].startswith(
+        f"Forecast from the agent: sunny in Rome (pid {app.pid},"
+    )
+    # One agent run for the call, started once, under the id derived from it.
+    host, port = setup.app_address.rsplit(":", 1)
+    client = wf.DaprWorkflowClient(host=host, port=port)
+    try:
+        runs = [i for i in client.iter_workflow_instance_ids() if i.startswith(task_id + ":")]
+        history = client.get_workflow_history(child_instance_id(task_id, AGENT))
+    finally:
+        client.close()
+    assert runs == [child_instance_id(task_id, AGENT)]
+    kinds = [event.event_type for event in history]
+    assert kinds.count(wf.WorkflowHistoryEventType.EXECUTION_STARTED) == 1, kinds
+    assert kinds[-1] == wf.WorkflowHistoryEventType.EXECUTION_COMPLETED, kinds
 
 
 # --- the adapter alone ----------------------------------------------------------------------------
