@@ -342,6 +342,35 @@ async def test_a_gateway_killed_mid_run_resumes_the_same_agent_run(
     assert kinds[-1] == wf.WorkflowHistoryEventType.EXECUTION_COMPLETED, kinds
 
 
+async def test_cancelling_the_call_terminates_the_agent_run(
+    setup: Setup, spawn_gateway: GatewayFactory, agent_apps: Any, chat: ChatServer
+) -> None:
+    hold = threading.Event()
+    assert isinstance(chat.script, Script)
+    chat.script.hold = hold
+    gateway = spawn_gateway(config=setup.config)
+    app = agent_apps()
+    async with mcp_session(gateway.url) as session:
+        created = await session.experimental.call_tool_as_task(AGENT, {"task": "Weather in Rome?"})
+        task_id = created.task.taskId
+        deadline = time.monotonic() + 60
+        while not any("Rome" in str(r) for r in chat.requests):
+            assert time.monotonic() < deadline, app.log()
+            await anyio.sleep(0.05)
+        cancelled = await session.experimental.cancel_task(task_id)
+    hold.set()
+    assert cancelled.status == "cancelled"
+    # The agent's run, a child of the call in another app, is terminated with it.
+    deadline = time.monotonic() + 30
+    while True:
+        state = _agent_state(setup, child_instance_id(task_id, AGENT))
+        assert state is not None
+        if state.runtime_status == wf.WorkflowStatus.TERMINATED or time.monotonic() > deadline:
+            break
+        await anyio.sleep(0.1)
+    assert state.runtime_status == wf.WorkflowStatus.TERMINATED
+
+
 # --- the adapter alone ----------------------------------------------------------------------------
 
 
