@@ -78,12 +78,13 @@ def build_venv(
     requirements: Sequence[str],
     *,
     local: Sequence[Path] = (),
-    root: Path = CACHE_ROOT,
+    root: Path | str = CACHE_ROOT,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Venv:
     """The venv with `requirements` (pip specifiers) and the `local` projects (installed
     editable, without extras), from the cache or built now within `timeout` seconds."""
     key = venv_key(requirements, local)
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     link = root / key
     with _locked(root / f"{key}.lock"):
