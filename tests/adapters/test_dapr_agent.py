@@ -29,6 +29,7 @@ import anyio
 import dapr.ext.workflow as wf
 import pytest
 import yaml
+from a2a.types import TaskState
 from mcp import types
 
 from adapters.base import ToolLoadError
@@ -38,6 +39,7 @@ from gateway.registry import Registry
 from gateway.workflow import child_instance_id
 from tests.adapters.chat_server import ChatServer, Reply, text, tool_call
 from tests.gateway.conftest import REPO_ROOT, GatewayFactory, mcp_session
+from tests.gateway.test_a2a import a2a_client, collect, final_task, message, result_of, send
 from tests.sidecar.test_crash import free_port
 from tests.venvs import Venv, VenvBuildError, build_venv
 
@@ -260,6 +262,19 @@ async def test_an_mcp_call_runs_the_dapr_agent_in_its_own_app(
     assert state is not None and state.runtime_status == wf.WorkflowStatus.COMPLETED
     assert state.name == agent_workflow_name(AGENT) == "dapr.agents.weather.workflow"
     assert json.loads(state.serialized_input) == {"task": "What is the weather in Paris?"}
+
+
+async def test_an_a2a_message_to_the_agent_is_answered_by_it(
+    setup: Setup, spawn_gateway: GatewayFactory, agent_apps: Any
+) -> None:
+    # An agent-like kind: the tool is an A2A agent of its own; a text message is its task.
+    gateway = spawn_gateway(config=setup.config)
+    app = agent_apps()
+    async with a2a_client(gateway.base, "JSONRPC", f"/a2a/agents/{AGENT}") as client:
+        task = final_task(await collect(client, send(message(None, text="Weather in Kyiv?"))))
+    assert task.status.state == TaskState.TASK_STATE_COMPLETED, task
+    answer = result_of(task)
+    assert answer["content"].startswith(f"Forecast from the agent: sunny in Kyiv (pid {app.pid},")
 
 
 async def test_a_failed_agent_run_is_the_tools_error(
