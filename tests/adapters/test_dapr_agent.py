@@ -435,6 +435,18 @@ def test_the_gateway_loads_it_and_the_embedded_sidecar_must_serve_its_app(tmp_pa
         Registry.from_config(parse_config(yaml.safe_dump(unserved), "g.yaml", tmp_path))
 
 
+def test_the_sidecar_health_address_is_loopback_only(tmp_path: Path) -> None:
+    config = {"engine": {"http_listen": "127.0.0.1:3501"}}
+    engine = parse_config(yaml.safe_dump(config), "g.yaml", tmp_path).engine
+    assert getattr(engine, "http_listen", None) == "127.0.0.1:3501"
+    with pytest.raises(Exception, match="0.0.0.0:3501 is not a loopback address"):
+        parse_config(
+            yaml.safe_dump({"engine": {"http_listen": "0.0.0.0:3501"}}), "g.yaml", tmp_path
+        )
+    with pytest.raises(Exception, match="is not HOST:PORT"):
+        parse_config(yaml.safe_dump({"engine": {"http_listen": "3501"}}), "g.yaml", tmp_path)
+
+
 def test_the_app_file_uses_only_dapr_agents() -> None:
     # The agent's environment has no Duragate: the app must not import it.
     source = APP_FILE.read_text()
