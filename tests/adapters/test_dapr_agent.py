@@ -315,6 +315,24 @@ async def test_a_call_waits_for_the_agent_app_to_connect(
     )
 
 
+async def test_without_its_app_a_call_times_out_naming_the_app(
+    setup: Setup, spawn_gateway: GatewayFactory
+) -> None:
+    config = yaml.safe_load(setup.config.read_text())
+    config["tools"][0]["timeout_seconds"] = 2
+    setup.config.write_text(yaml.safe_dump(config))
+    gateway = spawn_gateway(config=setup.config)
+    async with mcp_session(gateway.url) as session:
+        result = await session.call_tool(AGENT, {"task": "Weather in Quito?"})
+    assert result.isError
+    message = result.content[0].text  # type: ignore[union-attr]
+    assert re.search(
+        r"weather did not finish within 2 s: workflow dapr\.agents\.weather\.workflow of app "
+        r"weather-agent \(instance [0-9a-f]+:weather\) has not completed; is that app running",
+        message,
+    ), message
+
+
 @pytest.mark.crash
 async def test_a_gateway_killed_mid_run_resumes_the_same_agent_run(
     setup: Setup, spawn_gateway: GatewayFactory, agent_apps: Any, chat: ChatServer, tmp_path: Path
