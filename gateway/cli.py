@@ -53,6 +53,7 @@ _OPTION_OF_FIELD = {
     "app_id": "--app-id",
     "apps": "--app",
     "state_store_name": "--state-store-name",
+    "state_stores": "--extra-state-store",
     "max_payload_bytes": "--max-payload-bytes",
     "synchronous": "--synchronous",
 }
@@ -375,6 +376,15 @@ def sidecar(
     state_store_name: Annotated[
         str, typer.Option("--state-store-name", help="Name of the state store component.")
     ] = _DEFAULTS["state_store_name"],
+    extra_state_stores: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--extra-state-store",
+            metavar="NAME",
+            help="Also serve the state store component NAME, a key space of its own (apps that "
+            "look theirs up by name, e.g. Dapr Agents' agent-memory). Repeatable.",
+        ),
+    ] = None,
     max_payload_bytes: Annotated[
         int, typer.Option("--max-payload-bytes", min=1024, help="Largest accepted payload.")
     ] = _DEFAULTS["max_payload_bytes"],
@@ -400,6 +410,7 @@ def sidecar(
         app_id=app_id,
         apps=_app_listeners(app_pairs or []),
         state_store_name=state_store_name,
+        state_stores=extra_state_stores or [],
         max_payload_bytes=max_payload_bytes,
         synchronous=synchronous.value,
     )

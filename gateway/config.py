@@ -42,7 +42,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.sidecar.settings import is_local_address
+from gateway.sidecar.settings import check_component_name, is_local_address
 from identity.principal import ANONYMOUS
 from identity.spiffe_id import SpiffeId, SpiffeIdError, SpiffeIdPattern, parse_trust_domain
 
@@ -227,6 +227,21 @@ class EmbeddedEngineConfig(_Strict):
     # whose `DaprClient` probes `/v1.0/healthz/outbound` before its first call (a Dapr Agents
     # app): they find it at DAPR_HTTP_ENDPOINT=http://HOST:PORT.
     http_listen: str | None = None
+    # State store components besides `statestore` (the gateway's, which holds workflow state),
+    # each a key space of its own in the engine's database, for apps of `apps` that name
+    # theirs (a Dapr Agents app finds `agent-workflow`, `agent-memory`, `agent-registry`).
+    state_stores: list[str] = []
+
+    @field_validator("state_stores")
+    @classmethod
+    def _state_stores(cls, value: list[str]) -> list[str]:
+        for name in value:
+            check_component_name(name)
+            if name == "statestore":
+                raise ValueError("'statestore' is the gateway's own state store: always served")
+        if len(set(value)) != len(value):
+            raise ValueError("a state store is named twice")
+        return value
 
     @field_validator("http_listen")
     @classmethod

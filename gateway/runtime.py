@@ -63,11 +63,13 @@ class SidecarProcess:
         synchronous: str,
         apps: dict[str, str] | None = None,
         http_listen: str | None = None,
+        state_stores: list[str] | None = None,
     ) -> None:
         self.db_path = db_path
         self.synchronous = synchronous
         self.apps = apps or {}
         self.http_listen = http_listen or "127.0.0.1:0"
+        self.state_stores = state_stores or []
         self._proc: asyncio.subprocess.Process | None = None
         self.address = ""
         self.http_address: str | None = None
@@ -92,6 +94,8 @@ class SidecarProcess:
         cmd += ["--synchronous", self.synchronous, "--exit-with-parent", "--log-level", level]
         for app, listen in self.apps.items():
             cmd += ["--app", f"{listen}={app}"]
+        for name in self.state_stores:
+            cmd += ["--extra-state-store", name]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         proc = await asyncio.create_subprocess_exec(
@@ -239,6 +243,7 @@ class DurableRuntime:
                 db_path=self.db_path,
                 grpc_listen="127.0.0.1:0",
                 http_listen=self.engine.http_listen or "127.0.0.1:0",
+                state_stores=self.engine.state_stores,
                 synchronous=self.engine.synchronous,
                 apps=self.engine.apps,
             )
@@ -248,7 +253,11 @@ class DurableRuntime:
             self.http_address = thread.http_address
             return thread.grpc_address
         process = SidecarProcess(
-            self.db_path, self.engine.synchronous, self.engine.apps, self.engine.http_listen
+            self.db_path,
+            self.engine.synchronous,
+            self.engine.apps,
+            self.engine.http_listen,
+            self.engine.state_stores,
         )
         self._sidecar = process
         address = await process.start()

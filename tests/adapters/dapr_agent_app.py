@@ -7,7 +7,10 @@ app, connected to its sidecar the way every Dapr app is, through the environment
     OPENAI_BASE_URL=http://127.0.0.1:PORT/v1  OPENAI_API_KEY=...  \\
         .../bin/python tests/adapters/dapr_agent_app.py
 
-Its LLM is any OpenAI-compatible endpoint (`OPENAI_BASE_URL`, model `OPENAI_MODEL`). Its agent
+Its state is in the sidecar's state store components `agent-workflow` (workflow entries),
+`agent-memory` (conversation memory) and `agent-registry` (the team registry), which Dapr Agents
+looks up by name. Its LLM is any OpenAI-compatible endpoint (`OPENAI_BASE_URL`, model
+`OPENAI_MODEL`). Its agent
 `weather` registers the workflow `dapr.agents.weather.workflow`; the gateway's `dapr_agent` tool
 schedules it. The tool `get_weather` says which process and environment ran it, so a test can
 tell the answer came from this app. Prints `DAPR_AGENT_APP_READY` once the workflow worker runs.
@@ -22,8 +25,6 @@ import os
 import sys
 
 from dapr_agents import AgentRunner, DurableAgent, OpenAIChatClient, tool
-from dapr_agents.agents.configs import AgentStateConfig
-from dapr_agents.storage.daprstores.stateservice import StateStoreService
 from dapr_agents.workflow.utils.core import wait_for_shutdown
 from pydantic import BaseModel
 
@@ -48,10 +49,8 @@ async def main() -> None:
         goal="Tell people the weather.",
         llm=OpenAIChatClient(model=os.environ.get("OPENAI_MODEL", "scripted")),
         tools=[get_weather],
-        # The sidecar's state store: the agent's conversation and workflow entries live there.
-        state=AgentStateConfig(
-            store=StateStoreService(store_name=os.environ.get("STATE_STORE", "statestore"))
-        ),
+        # No `state`, `memory` or `registry`: Dapr Agents finds them among the sidecar's
+        # components by name (`agent-workflow`, `agent-memory`, `agent-registry`).
     )
     runner = AgentRunner()
     try:

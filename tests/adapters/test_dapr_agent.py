@@ -56,6 +56,8 @@ AGENT = "weather"
 APP_FILE = Path(__file__).with_name("dapr_agent_app.py")
 APP_START_TIMEOUT = 120.0
 SUMMARY = "The user asked about the weather."
+# The state store components a Dapr Agents app looks up by name.
+AGENT_STORES = ["agent-workflow", "agent-memory", "agent-registry"]
 
 
 # --- the agent's environment and its LLM -------------------------------------------------------
@@ -126,7 +128,11 @@ def setup(tmp_path: Path) -> Setup:
     config = {
         "identity": {"allow_anonymous": True},
         "listen": {"host": "127.0.0.1", "port": 0},
-        "engine": {"apps": {APP: app_address}, "http_listen": http_address},
+        "engine": {
+            "apps": {APP: app_address},
+            "http_listen": http_address,
+            "state_stores": AGENT_STORES,
+        },
         "tools": [
             {
                 "name": AGENT,
@@ -262,6 +268,10 @@ async def test_an_mcp_call_runs_the_dapr_agent_in_its_own_app(
     assert state is not None and state.runtime_status == wf.WorkflowStatus.COMPLETED
     assert state.name == agent_workflow_name(AGENT) == "dapr.agents.weather.workflow"
     assert json.loads(state.serialized_input) == {"task": "What is the weather in Paris?"}
+    # The agent found its state stores among the sidecar's components (metadata API).
+    said = app.log_path.read_text(errors="replace")
+    assert "ConversationDaprStateMemory initialized (store=agent-memory" in said
+    assert "Registered agent 'weather' in team 'default' registry" in said
 
 
 async def test_an_a2a_message_to_the_agent_is_answered_by_it(
@@ -463,6 +473,20 @@ def test_the_sidecar_health_address_is_loopback_only(tmp_path: Path) -> None:
         )
     with pytest.raises(Exception, match="is not HOST:PORT"):
         parse_config(yaml.safe_dump({"engine": {"http_listen": "3501"}}), "g.yaml", tmp_path)
+
+
+def test_engine_state_stores_are_component_names(tmp_path: Path) -> None:
+    def engine(stores: list[str]) -> Any:
+        config = {"engine": {"state_stores": stores}}
+        return parse_config(yaml.safe_dump(config), "g.yaml", tmp_path).engine
+
+    assert getattr(engine(AGENT_STORES), "state_stores", None) == AGENT_STORES
+    with pytest.raises(Exception, match="the gateway's own state store"):
+        engine(["statestore"])
+    with pytest.raises(Exception, match="not a Dapr component name"):
+        engine(["Agent Memory"])
+    with pytest.raises(Exception, match="named twice"):
+        engine(["a", "a"])
 
 
 def test_the_app_file_uses_only_dapr_agents() -> None:
