@@ -18,6 +18,7 @@ import re
 import select
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ from gateway.config import ToolConfig, parse_config
 from gateway.registry import Registry
 from gateway.workflow import child_instance_id
 from tests.adapters.chat_server import ChatServer, Reply, text, tool_call
-from tests.gateway.conftest import REPO_ROOT, GatewayFactory, mcp_session
+from tests.gateway.conftest import REPO_ROOT, GatewayFactory, child_env, mcp_session
 from tests.gateway.test_a2a import a2a_client, collect, final_task, message, result_of, send
 from tests.sidecar.test_crash import free_port
 from tests.venvs import Venv, VenvBuildError, build_venv
@@ -487,6 +488,22 @@ def test_engine_state_stores_are_component_names(tmp_path: Path) -> None:
         engine(["Agent Memory"])
     with pytest.raises(Exception, match="named twice"):
         engine(["a", "a"])
+
+
+def test_a_duragate_worker_for_the_agents_app_says_it_has_nothing_to_serve(
+    setup: Setup,
+) -> None:
+    cmd = [sys.executable, "-m", "gateway", "worker", "--config", str(setup.config)]
+    done = subprocess.run(
+        [*cmd, "--app-id", APP],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+        env=child_env(),
+    )
+    assert done.returncode == 2, done.stderr
+    assert "app 'weather-agent' runs its own workflows for weather" in done.stderr
 
 
 def test_the_app_file_uses_only_dapr_agents() -> None:
