@@ -99,6 +99,11 @@ class ToolSpec:
     # For a tool that is one of several made by one config entry: what it is where it comes
     # from ("remote tool 'read' imported by tools entry 'files'"), for errors that name it.
     origin: str | None = None
+    # The Dapr workflow (registered by the app `app_id`) that runs a call, as a child workflow
+    # of the call's own, with the arguments as its input and its output as the result; None:
+    # the `duragate.tool` activity runs the call through `invoke`. (A kind that sets it is
+    # named in `gateway.config.WORKFLOW_KINDS`.)
+    workflow: str | None = None
 
     @classmethod
     def from_config(

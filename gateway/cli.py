@@ -53,6 +53,7 @@ _OPTION_OF_FIELD = {
     "app_id": "--app-id",
     "apps": "--app",
     "state_store_name": "--state-store-name",
+    "state_stores": "--extra-state-store",
     "max_payload_bytes": "--max-payload-bytes",
     "synchronous": "--synchronous",
 }
@@ -375,6 +376,15 @@ def sidecar(
     state_store_name: Annotated[
         str, typer.Option("--state-store-name", help="Name of the state store component.")
     ] = _DEFAULTS["state_store_name"],
+    extra_state_stores: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--extra-state-store",
+            metavar="NAME",
+            help="Also serve the state store component NAME, a key space of its own (apps that "
+            "look theirs up by name, e.g. Dapr Agents' agent-memory). Repeatable.",
+        ),
+    ] = None,
     max_payload_bytes: Annotated[
         int, typer.Option("--max-payload-bytes", min=1024, help="Largest accepted payload.")
     ] = _DEFAULTS["max_payload_bytes"],
@@ -400,6 +410,7 @@ def sidecar(
         app_id=app_id,
         apps=_app_listeners(app_pairs or []),
         state_store_name=state_store_name,
+        state_stores=extra_state_stores or [],
         max_payload_bytes=max_payload_bytes,
         synchronous=synchronous.value,
     )
@@ -590,7 +601,7 @@ def worker(
 ) -> None:
     """Run the tools of one worker app (tools with `app_id: APP`) in this process and Python
     environment, connected to the sidecar that serves that app, until SIGINT or SIGTERM."""
-    from gateway.config import ConfigError, check_app_id, load_config
+    from gateway.config import WORKFLOW_KINDS, ConfigError, check_app_id, load_config
     from gateway.worker import ToolWorker, WorkerError, resolve_address, run_worker
 
     try:
@@ -605,7 +616,13 @@ def worker(
     http_address = _http_address(http_address)
     try:
         cfg = load_config(config)
-        if not any(tool.app_id == app_id for tool in cfg.tools):
+        if not any(t.app_id == app_id and t.kind not in WORKFLOW_KINDS for t in cfg.tools):
+            agents = [t.name for t in cfg.tools if t.app_id == app_id]
+            if agents:  # workflow kinds: their own app serves them, not a duragate worker
+                raise WorkerError(
+                    f"app {app_id!r} runs its own workflows for {', '.join(agents)} (e.g. a "
+                    "Dapr Agents app); a duragate worker has nothing to serve there"
+                )
             raise WorkerError(f"no tool in {config} has app_id {app_id!r}: nothing to serve")
         resolve_address(cfg, app_id, address, http_address)
     except ConfigError as exc:

@@ -42,7 +42,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.sidecar.settings import is_local_address
+from gateway.sidecar.settings import check_component_name, is_local_address
 from identity.principal import ANONYMOUS
 from identity.spiffe_id import SpiffeId, SpiffeIdError, SpiffeIdPattern, parse_trust_domain
 
@@ -223,6 +223,34 @@ class EmbeddedEngineConfig(_Strict):
     # HOST:PORT or unix:///path). Workers in other processes or Python environments connect
     # there; workflows reach them with call_activity/call_child_workflow(..., app_id=...).
     apps: dict[str, str] = {}
+    # The sidecar's HTTP health address (loopback HOST:PORT); None: a free port. Fix it for apps
+    # whose `DaprClient` probes `/v1.0/healthz/outbound` before its first call (a Dapr Agents
+    # app): they find it at DAPR_HTTP_ENDPOINT=http://HOST:PORT.
+    http_listen: str | None = None
+    # State store components besides `statestore` (the gateway's, which holds workflow state),
+    # each a key space of its own in the engine's database, for apps of `apps` that name
+    # theirs (a Dapr Agents app finds `agent-workflow`, `agent-memory`, `agent-registry`).
+    state_stores: list[str] = []
+
+    @field_validator("state_stores")
+    @classmethod
+    def _state_stores(cls, value: list[str]) -> list[str]:
+        for name in value:
+            check_component_name(name)
+            if name == "statestore":
+                raise ValueError("'statestore' is the gateway's own state store: always served")
+        if len(set(value)) != len(value):
+            raise ValueError("a state store is named twice")
+        return value
+
+    @field_validator("http_listen")
+    @classmethod
+    def _http_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_address(value, unix_ok=False)
+            if not is_local_address(value):
+                raise ValueError(f"{value} is not a loopback address")
+        return value
 
     @field_validator("apps")
     @classmethod
@@ -692,6 +720,11 @@ class RetryConfig(_Strict):
 
 TaskSupport = Literal["forbidden", "optional", "required"]
 
+# Tool kinds whose calls run as a Dapr workflow of the tool's `app_id` (a child workflow of the
+# call), not as an activity: the gateway loads them through their adapter even though they have
+# an app, and no worker runs them.
+WORKFLOW_KINDS = frozenset({"dapr_agent"})
+
 
 class ToolConfig(_Strict):
     """One tool. `kind` picks the adapter module (`adapters/<kind>.py`), `target` is what that
@@ -744,8 +777,9 @@ class ToolConfig(_Strict):
     @model_validator(mode="after")
     def _worker_spec(self) -> ToolConfig:
         # The gateway lists a worker's tool without loading it: what it would have derived
-        # from the target must be written here.
-        if self.app_id is not None:
+        # from the target must be written here. (A workflow kind's adapter runs in the
+        # gateway, whatever its app: it derives them itself.)
+        if self.app_id is not None and self.kind not in WORKFLOW_KINDS:
             missing = [k for k in ("description", "input_schema") if getattr(self, k) is None]
             if missing:
                 raise ValueError(

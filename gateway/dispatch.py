@@ -321,6 +321,8 @@ class Dispatcher:
         }
         if getattr(spec, "app_id", None):
             call["app_id"] = spec.app_id  # the worker app that runs the tool
+        if getattr(spec, "workflow", None):
+            call["workflow"] = spec.workflow  # that app's workflow runs the call (child workflow)
         if req.idempotency_key:
             task_id = idempotent_task_id(req.principal, req.tool, req.idempotency_key)
         else:

@@ -32,6 +32,7 @@ from adapters.base import (
     prepare_entry,
 )
 from gateway.config import (
+    WORKFLOW_KINDS,
     ConfigError,
     GatewayConfig,
     ToolConfig,
@@ -145,7 +146,10 @@ class Registry:
         # importing a remote server's tools), and their names may meet another entry's.
         made_by: dict[str, tuple[int, PreparedTool]] = {}
         for index, tool_config in enumerate(config.tools):
-            if tool_config.app_id != app_id:
+            runs_here = tool_config.app_id == app_id
+            if tool_config.kind in WORKFLOW_KINDS:
+                runs_here = app_id is None  # the gateway schedules its workflow; no worker runs it
+            if not runs_here:
                 if app_id is None:
                     tools.append(WorkerTool(tool_config))
                     made_by[tool_config.name] = (index, tools[-1])

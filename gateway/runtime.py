@@ -57,10 +57,19 @@ class SidecarProcess:
     Its stdin is a pipe from this process: when this process exits for any reason the pipe
     closes and the sidecar shuts down cleanly (`--exit-with-parent`)."""
 
-    def __init__(self, db_path: Path, synchronous: str, apps: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        db_path: Path,
+        synchronous: str,
+        apps: dict[str, str] | None = None,
+        http_listen: str | None = None,
+        state_stores: list[str] | None = None,
+    ) -> None:
         self.db_path = db_path
         self.synchronous = synchronous
         self.apps = apps or {}
+        self.http_listen = http_listen or "127.0.0.1:0"
+        self.state_stores = state_stores or []
         self._proc: asyncio.subprocess.Process | None = None
         self.address = ""
         self.http_address: str | None = None
@@ -79,11 +88,14 @@ class SidecarProcess:
     async def _start_once(self) -> str:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         cmd = [sys.executable, "-m", "gateway.sidecar.server", "--db", str(self.db_path)]
-        # The HTTP listener serves only the health probe that `DaprClient` (checkpoints) waits on.
-        cmd += ["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]
+        # The HTTP listener serves only the health probe that `DaprClient` (checkpoints, apps of
+        # engine.apps) waits on.
+        cmd += ["--listen", "127.0.0.1:0", "--http-listen", self.http_listen]
         cmd += ["--synchronous", self.synchronous, "--exit-with-parent", "--log-level", level]
         for app, listen in self.apps.items():
             cmd += ["--app", f"{listen}={app}"]
+        for name in self.state_stores:
+            cmd += ["--extra-state-store", name]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         proc = await asyncio.create_subprocess_exec(
@@ -230,7 +242,8 @@ class DurableRuntime:
             settings = SidecarSettings(
                 db_path=self.db_path,
                 grpc_listen="127.0.0.1:0",
-                http_listen="127.0.0.1:0",
+                http_listen=self.engine.http_listen or "127.0.0.1:0",
+                state_stores=self.engine.state_stores,
                 synchronous=self.engine.synchronous,
                 apps=self.engine.apps,
             )
@@ -239,7 +252,13 @@ class DurableRuntime:
             self._sidecar = thread
             self.http_address = thread.http_address
             return thread.grpc_address
-        process = SidecarProcess(self.db_path, self.engine.synchronous, self.engine.apps)
+        process = SidecarProcess(
+            self.db_path,
+            self.engine.synchronous,
+            self.engine.apps,
+            self.engine.http_listen,
+            self.engine.state_stores,
+        )
         self._sidecar = process
         address = await process.start()
         self.http_address = process.http_address

@@ -15,6 +15,9 @@ A call with a token budget carries its charge (`"budget_tokens"`, decided at sub
 `policies.budgets.DaprBudgets.check_tokens`): once the tool answered with usage, the activity
 `duragate.charge` adds it to the budget, exactly once, before the call completes. Calls
 recorded without that key schedule no charge, so their histories replay unchanged.
+
+A call whose input names a `"workflow"` (a workflow kind, e.g. `dapr_agent`) runs no activity:
+that workflow of the tool's app runs it as a child workflow, under an id derived from the call.
 """
 
 from __future__ import annotations
@@ -100,6 +103,10 @@ def call_workflow(ctx: wf.DaprWorkflowContext, call: dict[str, Any]) -> Generato
             backoff_coefficient=float(retry.get("backoff_coefficient", 2.0)),
             max_retry_interval=timedelta(seconds=float(retry.get("max_interval_seconds", 60))),
         )
+    if call.get("workflow"):
+        # A workflow kind (`dapr_agent`): the tool's app runs the call as a workflow of its own.
+        result: dict[str, Any] = yield from _call_child_workflow(ctx, call, policy)
+        return result
     supplied: dict[str, Any] | None = None
     rounds = 0
     while True:
@@ -158,6 +165,50 @@ def call_workflow(ctx: wf.DaprWorkflowContext, call: dict[str, Any]) -> Generato
             expires = float(call.get("input_expires_seconds") or DEFAULT_INPUT_EXPIRES_SECONDS)
             return failure("input_expired", f"no input for {tool} within {expires:g} s")
         ctx.set_custom_status(_status("running", f"running {tool} with the input supplied"))
+
+
+def child_instance_id(instance_id: str, tool: str) -> str:
+    """The instance id of the workflow that runs call `instance_id` of a workflow kind's tool:
+    derived from the call, so a replayed or retried call addresses the same instance and a
+    gateway restart never starts the tool's workflow twice."""
+    return f"{instance_id}:{tool}"
+
+
+def _call_child_workflow(
+    ctx: wf.DaprWorkflowContext, call: dict[str, Any], policy: wf.RetryPolicy | None
+) -> Generator[Any, Any, dict[str, Any]]:
+    """Run the call as the workflow `call["workflow"]` of the app `call["app_id"]` (a child
+    workflow, routed to that app as daprd routes it) and wait for it, up to the call's timeout.
+    Its output is the call's result; its failure, the tool's error."""
+    tool, name, app = call["tool"], call["workflow"], call.get("app_id")
+    where = f"workflow {name} of app {app}" if app else f"workflow {name}"
+    child_id = child_instance_id(ctx.instance_id, tool)
+    child: Any = ctx.call_child_workflow(
+        name, input=call["arguments"], instance_id=child_id, retry_policy=policy, app_id=app
+    )
+    timeout = float(call["timeout_seconds"])
+    timer = ctx.create_timer(timedelta(seconds=timeout))
+    winner = yield wf.when_any([child, timer])
+    if winner is timer:
+        # The child is not stopped: a workflow cannot terminate another. Until an app of that
+        # id connects, its workflow waits in the sidecar's queue, hence the hint.
+        ctx.set_custom_status(_status("failed", f"{tool} timed out"))
+        return failure(
+            "timeout",
+            f"{tool} did not finish within {timeout:g} s: {where} (instance {child_id}) has "
+            "not completed; is that app running and connected to its sidecar?",
+            {"instance_id": child_id},
+        )
+    try:
+        result = child.get_result()
+    except Exception as exc:  # TaskFailedError: the child failed, after its retries
+        details = getattr(exc, "details", None)
+        message = getattr(details, "message", None) or str(exc)
+        ctx.set_custom_status(_status("failed", f"{tool} failed"))
+        data = {"instance_id": child_id, "error_type": getattr(details, "error_type", None)}
+        return failure("tool_error", f"{tool}: {where} failed: {message}", data)
+    ctx.set_custom_status(_status("completed", f"{tool} completed"))
+    return {"ok": True, "result": result}
 
 
 def _charge(

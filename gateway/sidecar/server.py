@@ -497,6 +497,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " unix:///path); workers of that app connect there. Repeatable.",
     )
     parser.add_argument("--state-store", default="statestore")
+    parser.add_argument(
+        "--extra-state-store",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also serve the state store component NAME (a key space of its own; listed by"
+        " the metadata API). Repeatable.",
+    )
     parser.add_argument("--max-payload-bytes", type=int, default=4 * MiB)
     parser.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="FULL")
     parser.add_argument(
@@ -567,6 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         app_id=args.app_id,
         apps=dict(args.app),
         state_store_name=args.state_store,
+        state_stores=args.extra_state_store,
         max_payload_bytes=args.max_payload_bytes,
         synchronous=args.synchronous,
         stateful_history=not args.no_stateful_history,

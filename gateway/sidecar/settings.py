@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +25,19 @@ def is_local_address(address: str) -> bool:
         return False
 
 
+# A Dapr component name (a Kubernetes resource name: lower-case DNS subdomain).
+COMPONENT_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+
+
+def check_component_name(name: str) -> str:
+    if not COMPONENT_NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is not a Dapr component name: lower-case letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit"
+        )
+    return name
+
+
 class SidecarSettings(BaseModel):
     """Everything the sidecar needs to start. Addresses are `host:port` (port 0 picks a free one)
     or, for gRPC, `unix:///absolute/path`."""
@@ -40,6 +54,11 @@ class SidecarSettings(BaseModel):
     # which app it is): one address per app, as with one daprd per app.
     apps: dict[str, str] = Field(default_factory=dict)
     state_store_name: str = "statestore"
+    # Further state store components, each a key space of its own in the same database (on
+    # daprd: one component each), listed by the metadata API; only `state_store_name` holds
+    # workflow (actor) state. For apps that look components up by name (Dapr Agents:
+    # `agent-workflow`, `agent-memory`, `agent-registry`).
+    state_stores: list[str] = Field(default_factory=list)
     max_payload_bytes: int = Field(default=4 * MiB, ge=1024)
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     # A workflow turn dispatched to a worker that neither completes it nor closes its stream
@@ -62,6 +81,17 @@ class SidecarSettings(BaseModel):
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"{value!r} is not HOST:PORT (or unix:///path for gRPC)")
         return value
+
+    @field_validator("state_stores")
+    @classmethod
+    def _check_state_stores(cls, names: list[str], info: ValidationInfo) -> list[str]:
+        seen = {info.data.get("state_store_name")}
+        for name in names:
+            check_component_name(name)
+            if name in seen:
+                raise ValueError(f"state store {name!r} is declared twice")
+            seen.add(name)
+        return names
 
     @field_validator("apps")
     @classmethod

@@ -143,17 +143,19 @@ def _is_first_write(item: Any) -> bool:
 
 
 class StateServicer(runtime_grpc.DaprServicer):
-    """State API on a StateStore, for the one state store this sidecar registers."""
+    """State API on a StateStore, for the state stores this sidecar registers (each its own
+    key space in the StateStore)."""
 
     def __init__(self, store: StateStore, settings: SidecarSettings) -> None:
         self._store = store
         self._settings = settings
         self._prefix = settings.app_id + KEY_SEPARATOR
+        self._stores = frozenset([settings.state_store_name, *settings.state_stores])
 
     # -- validation ----------------------------------------------------------------------------
 
     def _check_store(self, name: str) -> str:
-        if name != self._settings.state_store_name:
+        if name not in self._stores:
             raise ApiError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"state store {name} is not found",
@@ -377,15 +379,26 @@ class StateServicer(runtime_grpc.DaprServicer):
     async def GetMetadata(
         self, request: metadata_pb.GetMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> metadata_pb.GetMetadataResponse:
-        component = metadata_pb.RegisteredComponents(
-            name=self._settings.state_store_name,
-            type=STORE_TYPE,
-            version=STORE_VERSION,
-            capabilities=list(STORE_CAPABILITIES),
-        )
+        components = [
+            metadata_pb.RegisteredComponents(
+                name=self._settings.state_store_name,
+                type=STORE_TYPE,
+                version=STORE_VERSION,
+                capabilities=list(STORE_CAPABILITIES),
+            )
+        ]
+        components += [
+            metadata_pb.RegisteredComponents(
+                name=name,
+                type=STORE_TYPE,
+                version=STORE_VERSION,
+                capabilities=[c for c in STORE_CAPABILITIES if c != "ACTOR"],
+            )
+            for name in self._settings.state_stores
+        ]
         return metadata_pb.GetMetadataResponse(
             id=self._settings.app_id,
-            registered_components=[component],
+            registered_components=components,
             extended_metadata={"daprRuntimeVersion": RUNTIME_VERSION},
             runtime_version=RUNTIME_VERSION,
         )

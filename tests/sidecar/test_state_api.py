@@ -17,7 +17,7 @@ from dapr.clients.grpc._state import Concurrency, StateItem, StateOptions
 from gateway.sidecar.protos import common_pb, runtime_grpc, state_pb
 from gateway.sidecar.server import SidecarThread
 
-from .conftest import DaprEnv, SidecarFactory, SidecarProcess
+from .conftest import DaprEnv, SidecarFactory, SidecarProcess, sidecar_settings
 
 STORE = "statestore"
 FIRST_WRITE = StateOptions(concurrency=Concurrency.first_write)
@@ -373,6 +373,37 @@ def test_metadata_follows_settings(sidecar_factory: SidecarFactory, dapr_env: Da
         client.save_state("ledger", "k", "v")
         assert client.get_state("ledger", "k").data == b"v"
         expect_error(grpc.StatusCode.INVALID_ARGUMENT, lambda: client.get_state(STORE, "k"))
+
+
+def test_extra_state_stores_are_listed_and_kept_apart(
+    sidecar_factory: SidecarFactory, dapr_env: DaprEnv
+) -> None:
+    sidecar = sidecar_factory(state_stores=["agent-memory", "agent-registry"])
+    dapr_env(sidecar.grpc_address, sidecar.http_address)
+    with DaprClient() as client:
+        components = {c.name: c for c in client.get_metadata().registered_components}
+        assert list(components) == [STORE, "agent-memory", "agent-registry"]
+        assert all(c.type == "state.sqlite" for c in components.values())
+        # Only the first holds workflow (actor) state, as daprd has one actor state store.
+        assert "ACTOR" in components[STORE].capabilities
+        assert "ACTOR" not in components["agent-memory"].capabilities
+        assert {"ETAG", "TRANSACTIONAL"} <= set(components["agent-memory"].capabilities)
+        # One key, three stores, three values.
+        client.save_state(STORE, "k", "main")
+        client.save_state("agent-memory", "k", "memory")
+        assert client.get_state("agent-registry", "k").data == b""
+        client.save_state("agent-registry", "k", "registry")
+        client.delete_state(STORE, "k")
+        assert client.get_state("agent-memory", "k").data == b"memory"
+        assert client.get_state("agent-registry", "k").data == b"registry"
+        assert client.get_state(STORE, "k").data == b""
+        expect_error(grpc.StatusCode.INVALID_ARGUMENT, lambda: client.get_state("other", "k"))
+
+
+@pytest.mark.parametrize("names", [["statestore"], ["a", "a"], ["Not_A_Name"], [""]])
+def test_extra_state_store_names_are_checked(tmp_path: Path, names: list[str]) -> None:
+    with pytest.raises(ValueError, match="declared twice|not a Dapr component name"):
+        sidecar_settings(tmp_path / "db", state_stores=names)
 
 
 # -- durability --------------------------------------------------------------------------------
