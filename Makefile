@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 REPORT_ARGS ?=
 
-.PHONY: help demo demo-mtls test chromium lint bench report install install-test clean
+.PHONY: help demo demo-mtls test test-venvs chromium lint bench report install install-test clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -61,11 +61,16 @@ demo-mtls: $(VENV)/.installed
 # on two cores. PYTEST_WORKERS=0 runs everything in one process.
 PYTEST_WORKERS ?= 2
 
-test: $(VENV)/.installed-test chromium
+test: $(VENV)/.installed-test chromium test-venvs
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # The dashboard's end-to-end test drives Debian's headless Chromium: installed with apt-get when
 # missing and possible (root); otherwise that test fails, saying why.
+# The Python environments of the tests that run code apart from Duragate's (a Dapr Agents app,
+# a worker): built once into .cache/venvs (a minute or two the first time), reused after.
+test-venvs: $(VENV)/.installed-test
+	$(BIN)/python -m tests.venvs
+
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

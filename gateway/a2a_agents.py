@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from gateway.config import AGENT_LIKE_KINDS, ConfigError, GatewayConfig
 
 if TYPE_CHECKING:
-    from gateway.registry import Registry
+    from gateway.dispatch import ToolRegistry as Registry
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,9 @@ class DurableRequestHandler(RequestHandler):
         return self._host().dispatcher
 
     def _agent(self, context: ServerCallContext) -> AgentDef:
-        agent = agents_of(self._host().config, self.dispatcher.registry).get(str(context.state.get("agent", "")))
+        agent = agents_of(self._host().config, self.dispatcher.registry).get(
+            str(context.state.get("agent", ""))
+        )
         if agent is None:
             raise TaskNotFoundError("no such agent")
         return agent
@@ -687,7 +689,9 @@ def build_routes(
     def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[..., Any]:
         async def guard(request: Request) -> Response:
             agent = request.path_params.get("agent", "")
-            if not host.config.a2a.enabled or agent not in agents_of(host.config, host.dispatcher.registry):
+            if not host.config.a2a.enabled or agent not in agents_of(
+                host.config, host.dispatcher.registry
+            ):
                 return JSONResponse(
                     {"error": "not_found", "message": f"no A2A agent {agent!r} here"}, 404
                 )

@@ -42,6 +42,18 @@ STAMP = "duragate-venv.json"  # written last into a complete venv
 STALE_SECONDS = 3 * 3600
 
 
+# The venvs the test suite uses, by name: requirements and local projects. `make test` builds
+# them before pytest starts (`python -m tests.venvs`), so that the suite's own time does not
+# include pip; a test asking for one that is not built yet builds it itself.
+SUITE_VENVS: dict[str, tuple[tuple[str, ...], tuple[Path, ...]]] = {
+    # An unmodified Dapr Agents (the latest 1.0.x; it pins dapr < 1.19): the dapr_agent tests.
+    "dapr-agents": (("dapr-agents==1.0.9",), ()),
+    # Duragate without extras, and six at a version other than the gateway venv's: a
+    # `duragate worker` in an environment of its own.
+    "worker": (("six==1.16.0",), (REPO_ROOT,)),
+}
+
+
 class VenvBuildError(RuntimeError):
     """The venv could not be built; the message says why and where the log is."""
 
@@ -176,6 +188,31 @@ def _build(
     log_path.unlink(missing_ok=True)
 
 
+def suite_venv(name: str) -> Venv:
+    """The suite's venv `name` (SUITE_VENVS), from the cache or built now."""
+    requirements, local = SUITE_VENVS[name]
+    return build_venv(requirements, local=local)
+
+
+def main() -> int:
+    """Build every venv of the suite, side by side, and say how long each took."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(SUITE_VENVS)) as pool:
+        futures = {name: pool.submit(suite_venv, name) for name in SUITE_VENVS}
+        failed = 0
+        for name, future in futures.items():
+            try:
+                venv = future.result()
+            except VenvBuildError as exc:
+                print(f"test venv {name}: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            how = f"built in {venv.seconds:.0f} s" if venv.built else "cached"
+            print(f"test venv {name}: {venv.path} ({how})")
+    return 1 if failed else 0
+
+
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     with path.open("a") as handle:
@@ -184,3 +221,7 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

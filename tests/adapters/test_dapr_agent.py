@@ -42,16 +42,15 @@ from tests.adapters.chat_server import ChatServer, Reply, text, tool_call
 from tests.gateway.conftest import REPO_ROOT, GatewayFactory, child_env, mcp_session
 from tests.gateway.test_a2a import a2a_client, collect, final_task, message, result_of, send
 from tests.sidecar.test_crash import free_port
-from tests.venvs import Venv, VenvBuildError, build_venv
+from tests.venvs import Venv, VenvBuildError, suite_venv
 
-# The first run builds the venv (pip, from the index: about 75 s here; bounded by
-# tests.venvs.DEFAULT_TIMEOUT), which counts against the first test's time.
+# `make test` builds the venv before the suite (pip, from the index: about 75 s here); run
+# alone, the first test builds it (bounded by tests.venvs.DEFAULT_TIMEOUT).
 pytestmark = [
     pytest.mark.timeout(1200),
     pytest.mark.filterwarnings("ignore:The experimental tasks API:DeprecationWarning"),
 ]
 
-DAPR_AGENTS = "dapr-agents==1.0.9"  # the latest 1.0.x; it pins dapr < 1.19
 APP = "weather-agent"
 AGENT = "weather"
 APP_FILE = Path(__file__).with_name("dapr_agent_app.py")
@@ -67,7 +66,7 @@ AGENT_STORES = ["agent-workflow", "agent-memory", "agent-registry"]
 @pytest.fixture(scope="session")
 def agents_venv() -> Venv:
     try:
-        venv = build_venv([DAPR_AGENTS])
+        venv = suite_venv("dapr-agents")
     except VenvBuildError as exc:
         pytest.fail(f"the dapr-agents environment could not be built: {exc}")
     if venv.built:

@@ -20,7 +20,7 @@ import yaml
 
 from tests.gateway.conftest import REPO_ROOT, GatewayFactory, mcp_session
 from tests.sidecar.test_crash import free_port
-from tests.venvs import Venv, VenvBuildError, build_venv
+from tests.venvs import SUITE_VENVS, Venv, VenvBuildError, suite_venv
 
 pytestmark = [
     pytest.mark.timeout(1200),  # the first run builds the venv (Duragate's dependencies)
@@ -29,14 +29,14 @@ pytestmark = [
 
 APP = "isolated"
 # Not the gateway's version of six (a dependency of python-dateutil, so of Duragate's too).
-SIX = "1.16.0"
+SIX = SUITE_VENVS["worker"][0][0].split("==")[1]
 WORKER_START_TIMEOUT = 120.0
 
 
 @pytest.fixture(scope="session")
 def worker_venv() -> Venv:
     try:
-        return build_venv([f"six=={SIX}"], local=[REPO_ROOT])
+        return suite_venv("worker")
     except VenvBuildError as exc:
         pytest.fail(f"the worker's environment could not be built: {exc}")
 
