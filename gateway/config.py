@@ -216,9 +216,11 @@ class EmbeddedEngineConfig(_Strict):
     kind: Literal["embedded"] = "embedded"
     # SQLite's `synchronous` pragma: FULL survives power loss, NORMAL only process crashes.
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
-    # `process`: a child process that stops with the gateway (its own core: about twice the
-    # throughput); `thread`: inside the gateway process.
-    sidecar: Literal["process", "thread"] = "process"
+    # `inprocess`: on the gateway's own event loop; the gateway's worker and workflow client
+    # reach it without gRPC (gateway/sidecar/inprocess.py), other processes over gRPC as ever.
+    # `process`: a child process that stops with the gateway; `thread`: a thread of the gateway
+    # with its own loop (both over loopback gRPC, as with daprd: several times the CPU per call).
+    sidecar: Literal["inprocess", "process", "thread"] = "inprocess"
     # Further Dapr apps the sidecar serves, app id -> that app's own gRPC address (loopback
     # HOST:PORT or unix:///path). Workers in other processes or Python environments connect
     # there; workflows reach them with call_activity/call_child_workflow(..., app_id=...).

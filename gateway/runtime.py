@@ -1,10 +1,14 @@
 """The gateway's connection to its workflow engine.
 
-With `engine.kind: embedded` the gateway starts the embedded sidecar on loopback, by default as
-a child process (its own core and GIL: about twice the throughput of running it as a thread of
-the gateway; see bench/README.md) that stops when the gateway exits, even by SIGKILL. With
-`engine.kind: dapr` it uses the configured daprd. Either way the gateway then runs the Dapr
-SDK's worker with Duragate's workflow and activity, and holds an asyncio workflow client.
+With `engine.kind: embedded` the gateway starts the embedded sidecar on loopback. By default
+(`engine.sidecar: inprocess`) it runs on the gateway's own event loop: the gateway's worker
+(`gateway.sidecar.inprocess.InProcessWorker`, the Dapr SDK's executors) and its workflow client
+(the SDK's aio `DaprWorkflowClient` over an in-process channel) reach it without gRPC, which
+costs a fraction of the CPU per call; other processes reach it over its gRPC listener. With
+`process` it is a child process that stops when the gateway exits, even by SIGKILL; with
+`thread`, a thread of the gateway. With `engine.kind: dapr` it uses the configured daprd. In
+those three cases the gateway runs the Dapr SDK's own worker and client over gRPC.
+Either way Duragate's workflow and activities are registered on a `WorkflowRuntime`.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dapr.ext.workflow as wf
 import grpc
@@ -28,9 +32,11 @@ from dapr.ext.workflow.logger import LoggerOptions
 from adapters.checkpoints import CheckpointStore
 from gateway import workflow
 from gateway.progress import ProgressHub
+from gateway.sidecar import inprocess
 from gateway.sidecar.protos import workflow_grpc
-from gateway.sidecar.server import READY_MARKER, SidecarThread
+from gateway.sidecar.server import READY_MARKER, Sidecar, SidecarError, SidecarThread
 from gateway.sidecar.settings import SidecarSettings
+from gateway.sidecar.workflow_service import WorkflowServicer
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,7 @@ START_TIMEOUT_SECONDS = 30.0
 # A sidecar of a gateway that was just killed may still be closing its database.
 LOCKED_RETRY_SECONDS = 15.0
 SDK_LOGS = LoggerOptions(log_level="WARNING")
+T = TypeVar("T")
 
 
 def _http_endpoint(address: str) -> str:
@@ -49,6 +56,20 @@ def _http_endpoint(address: str) -> str:
 
 class EngineStartError(RuntimeError):
     pass
+
+
+async def _retry_while_locked(start: Callable[[], Awaitable[T]]) -> T:
+    """`start()`, again while the engine database is held by a sidecar that is closing (that
+    of a gateway that was just stopped or killed), for at most LOCKED_RETRY_SECONDS."""
+    deadline = time.monotonic() + LOCKED_RETRY_SECONDS
+    while True:
+        try:
+            return await start()
+        except (EngineStartError, SidecarError) as exc:
+            if "in use" not in str(exc) or time.monotonic() > deadline:
+                raise EngineStartError(str(exc)) from None
+            log.info("the engine database is still held by a closing sidecar; retrying")
+            await asyncio.sleep(0.2)
 
 
 class SidecarProcess:
@@ -75,15 +96,7 @@ class SidecarProcess:
         self.http_address: str | None = None
 
     async def start(self) -> str:
-        deadline = time.monotonic() + LOCKED_RETRY_SECONDS
-        while True:
-            try:
-                return await self._start_once()
-            except EngineStartError as exc:
-                if "in use" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                log.info("the engine database is still held by a closing sidecar; retrying")
-                await asyncio.sleep(0.2)
+        return await _retry_while_locked(self._start_once)
 
     async def _start_once(self) -> str:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
@@ -179,8 +192,10 @@ class DurableRuntime:
         self.delegation: Any = None
         # Set by the gateway once the engine is up: token budgets' charges (policies.budgets).
         self.budgets: Any = None
-        self._sidecar: SidecarProcess | SidecarThread | None = None
-        self._worker: wf.WorkflowRuntime | None = None
+        self._sidecar: SidecarProcess | SidecarThread | Sidecar | None = None
+        # With the sidecar in this process: its servicer, which the client calls directly.
+        self._servicer: WorkflowServicer | None = None
+        self._worker: wf.WorkflowRuntime | inprocess.InProcessWorker | None = None
         self._client: DaprWorkflowClient | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: workflow_grpc.TaskHubSidecarServiceStub | None = None
@@ -190,6 +205,8 @@ class DurableRuntime:
     def stub(self) -> workflow_grpc.TaskHubSidecarServiceStub:
         """The protocol stub, for the one call the SDK client cannot make (a start that must
         not reuse a finished instance's id); send `metadata` with each call."""
+        if self._stub is None and self._servicer is not None:
+            self._stub = inprocess.workflow_stub(self._servicer)
         if self._stub is None:
             self._channel = grpc.aio.insecure_channel(self.address)
             self._stub = workflow_grpc.TaskHubSidecarServiceStub(self._channel)
@@ -219,9 +236,20 @@ class DurableRuntime:
                 observer=self.observer,
                 budgets=lambda: self.budgets,
             )
-            await asyncio.to_thread(worker.start)
-            self._worker = worker
-            self._client = DaprWorkflowClient(host=host, port=port, logger_options=SDK_LOGS)
+            if self._servicer is not None:
+                # The engine is in this process: the same workflows and activities, run by
+                # the in-process worker, and the SDK's client without the network.
+                assert isinstance(self._sidecar, Sidecar) and self._sidecar.engine is not None
+                local = inprocess.InProcessWorker(
+                    self._sidecar.engine, inprocess.registry_of(worker)
+                )
+                local.start()
+                self._worker = local
+                self._client = inprocess.inprocess_client(self._servicer, self.address)
+            else:
+                await asyncio.to_thread(worker.start)
+                self._worker = worker
+                self._client = DaprWorkflowClient(host=host, port=port, logger_options=SDK_LOGS)
         except BaseException:
             await self.stop()
             raise
@@ -238,15 +266,23 @@ class DurableRuntime:
             self.http_address = self.engine.http_address
             return str(self.engine.grpc_address)
         mode = getattr(self.engine, "sidecar", "process")
+        settings = SidecarSettings(
+            db_path=self.db_path,
+            grpc_listen="127.0.0.1:0",
+            http_listen=self.engine.http_listen or "127.0.0.1:0",
+            state_stores=self.engine.state_stores,
+            synchronous=self.engine.synchronous,
+            apps=self.engine.apps,
+        )
+        if mode == "inprocess":
+            sidecar = Sidecar(settings)
+            await _retry_while_locked(sidecar.start)
+            self._sidecar = sidecar
+            assert sidecar.engine is not None
+            self._servicer = WorkflowServicer(sidecar.engine)
+            self.http_address = sidecar.http_address
+            return sidecar.grpc_address
         if mode == "thread":
-            settings = SidecarSettings(
-                db_path=self.db_path,
-                grpc_listen="127.0.0.1:0",
-                http_listen=self.engine.http_listen or "127.0.0.1:0",
-                state_stores=self.engine.state_stores,
-                synchronous=self.engine.synchronous,
-                apps=self.engine.apps,
-            )
             thread = SidecarThread(settings)
             await asyncio.to_thread(thread.start)
             self._sidecar = thread
@@ -277,7 +313,9 @@ class DurableRuntime:
 
     async def stop(self) -> None:
         worker, self._worker = self._worker, None
-        if worker is not None:
+        if isinstance(worker, inprocess.InProcessWorker):
+            await worker.stop()
+        elif worker is not None:
             await asyncio.to_thread(worker.shutdown)
         self._client = None
         checkpoints, self.checkpoints = self.checkpoints, None
@@ -287,7 +325,8 @@ class DurableRuntime:
         if channel is not None:
             await channel.close()
         sidecar, self._sidecar = self._sidecar, None
-        if isinstance(sidecar, SidecarProcess):
+        self._servicer = None
+        if isinstance(sidecar, SidecarProcess | Sidecar):
             await sidecar.stop()
         elif sidecar is not None:
             with contextlib.suppress(Exception):

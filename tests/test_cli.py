@@ -3,6 +3,7 @@ console script)."""
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -455,11 +456,14 @@ def test_real_serve_comes_up_and_stops_on_sigint(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
         assert proc.returncode == 0, errlog.read_text()
-        # The embedded sidecar (a child process) stopped with it: its database lock is free.
+        # The embedded engine stopped with it (it runs in the gateway; no sidecar process was
+        # left behind): its database lock is free for the next gateway.
         deadline = time.monotonic() + 10
         while _sidecar_processes(data) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _sidecar_processes(data)
+        with (data / "engine.db.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         if proc.poll() is None:
             proc.kill()

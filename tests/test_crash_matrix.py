@@ -4,8 +4,9 @@ For each seed, one gateway serves one tool per cell (front door x kind; each too
 steps over a couple of seconds, every step an observable, idempotent side effect: see
 tests/crash_tools.py and tests/crash_crew.py). All cells start their call at offsets chosen by a
 seeded RNG so that one crash lands at a random point inside each call's run; the crash SIGKILLs
-the gateway *and* its sidecar child (every process group, frozen first with SIGSTOP so that
-nothing runs on in one while the other dies, as when a machine stops). Then a gateway restarts
+the gateway, whose embedded engine runs inside it, and every process it started (every process
+group, frozen first with SIGSTOP so that nothing runs on in one while another dies, as when a
+machine stops; with `engine.sidecar: process` that includes the sidecar). Then a gateway restarts
 on the same data directory and each cell checks that:
 
 - the call completes with the right result (each step's value chains the previous one, so a
@@ -136,8 +137,9 @@ def _gone(pid: int) -> bool:
 
 class CrashableGateway(GatewayProcess):
     """A test gateway (tests.gateway.launcher) in a session of its own, so that its process
-    group can be killed without the test's. The embedded sidecar it starts is a child in yet
-    another session (gateway.runtime.SidecarProcess): `crash()` kills that group too."""
+    group can be killed without the test's. Anything it starts in yet another session (the
+    sidecar of `engine.sidecar: process`, gateway.runtime.SidecarProcess): `crash()` kills that
+    group too."""
 
     def __init__(self, config: Path, data_dir: Path, log_path: Path) -> None:
         self.config = config
@@ -635,7 +637,7 @@ async def _run_until_crash(
     tasks = [asyncio.create_task(client(c)) for c in cells]
     await asyncio.sleep(max(0.0, epoch + crash_at - loop.time()))
     killed = await asyncio.to_thread(gw.crash)
-    assert any("gateway.sidecar.server" in c for c in killed), f"no sidecar among {killed}"
+    assert any("tests.gateway.launcher" in c for c in killed), f"no gateway among {killed}"
     for cell in cells:
         cell.before = Trace.read(trace_dir / f"{cell.run}.log")
     # Clients of a dead server: give them a moment to notice, then stop them.

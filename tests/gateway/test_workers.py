@@ -8,6 +8,7 @@ process that imports it (`tests.gateway.worker_targets`): only workers may appea
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -274,24 +275,25 @@ async def _waits_for_the_worker(dispatcher: Dispatcher, workers: Workers) -> Non
     waited = await dispatcher.wait(view.task_id, ANONYMOUS, 3)
     assert waited.state == CallState.WORKING
     assert waited.message == "running whereami"
-    worker = workers()
+    # Started from a thread: the engine serves the worker from this test's own event loop.
+    worker = await asyncio.to_thread(workers)
     done = await dispatcher.wait(view.task_id, ANONYMOUS, 120)
     assert done.state == CallState.COMPLETED, done
     assert done.result == {"pid": worker.pid, "text": "X"}
     assert done.message == "whereami completed"
-    worker.stop()
+    await asyncio.to_thread(worker.stop)
 
 
 async def _survives_a_sigkill(tmp_path: Path, dispatcher: Dispatcher, workers: Workers) -> None:
     hold = tmp_path / "hold"
     hold.write_text("")
-    first = workers()
+    first = await asyncio.to_thread(workers)
     view = await dispatcher.submit(CallRequest("pipeline", {"text": TEXT}, ANONYMOUS, "test"))
     await _wait_for(lambda: trace(tmp_path) == ["outline", "draft"], "the draft node")
     first.kill()  # inside `draft`, after `outline` was checkpointed in the worker's state
     hold.unlink()
     assert (await dispatcher.get(view.task_id, ANONYMOUS)).state == CallState.WORKING
-    second = workers()
+    second = await asyncio.to_thread(workers)
     done = await dispatcher.wait(view.task_id, ANONYMOUS, 120)
     assert done.state == CallState.COMPLETED, done
     assert done.result["words"] == 9
@@ -383,16 +385,18 @@ async def test_sigterm_in_the_middle_of_a_call_hands_it_to_the_next_worker(
     hold = tmp_path / "hold"
     hold.write_text("")
     async with running_dispatcher(config.read_text(), tmp_path) as dispatcher:
-        first = workers()
+        # Workers are started and stopped from a thread: the engine serves them from this
+        # test's own event loop.
+        first = await asyncio.to_thread(workers)
         view = await dispatcher.submit(CallRequest("pipeline", {"text": TEXT}, ANONYMOUS, "test"))
         await _wait_for(lambda: trace(tmp_path) == ["outline", "draft"], "the draft node")
         # The node is still held: the worker stops without waiting for it.
-        assert first.stop() == 0
+        assert await asyncio.to_thread(first.stop) == 0
         said = "\n".join(first.messages())
         assert "worker of app crews stopped" in said
         assert "1 tool run(s) still in progress: exiting without them" in said
         hold.unlink()
-        second = workers()
+        second = await asyncio.to_thread(workers)
         done = await dispatcher.wait(view.task_id, ANONYMOUS, 120)
         assert done.state == CallState.COMPLETED, done
         assert trace(tmp_path) == ["outline", "draft", "draft", "finish"]

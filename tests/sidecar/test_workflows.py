@@ -18,6 +18,7 @@ import pytest
 from dapr.ext.workflow.aio import DaprWorkflowClient as AioWorkflowClient
 from dapr.ext.workflow.logger import LoggerOptions
 
+from gateway.sidecar.inprocess import InProcessWorker, registry_of
 from gateway.sidecar.protos import pb, workflow_grpc
 from gateway.sidecar.server import SidecarThread
 
@@ -172,15 +173,35 @@ WORKFLOWS: list[Any] = [
 ACTIVITIES: list[Any] = [echo, flaky, always_fails]
 
 
-def start_runtime(address: str) -> wf.WorkflowRuntime:
-    host, _, port = address.rpartition(":")
-    runtime = wf.WorkflowRuntime(host=host, port=port, logger_options=QUIET)
+def registered(runtime: wf.WorkflowRuntime) -> wf.WorkflowRuntime:
     for w in WORKFLOWS:
         runtime.register_workflow(w)
     for a in ACTIVITIES:
         runtime.register_activity(a)
-    runtime.start()
     return runtime
+
+
+class InProcessRuntime:
+    """The gateway's in-process worker (gateway/sidecar/inprocess.py) with the same
+    registrations, on the sidecar thread's own loop: every behaviour of this module is checked
+    against it as well as against the SDK's worker."""
+
+    def __init__(self, sidecar: SidecarThread, registrations: wf.WorkflowRuntime) -> None:
+        assert sidecar.sidecar is not None and sidecar.sidecar.engine is not None
+        assert sidecar._loop is not None
+        self._loop = sidecar._loop
+        registry = registry_of(registrations)
+        engine = sidecar.sidecar.engine
+
+        async def start() -> InProcessWorker:
+            worker = InProcessWorker(engine, registry)
+            worker.start()
+            return worker
+
+        self._worker = asyncio.run_coroutine_threadsafe(start(), self._loop).result(TIMEOUT)
+
+    def shutdown(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._worker.stop(), self._loop).result(TIMEOUT)
 
 
 def make_client(address: str) -> wf.DaprWorkflowClient:
@@ -206,14 +227,29 @@ def sidecar_mod(engine_db: Path) -> Iterator[SidecarThread]:
 
 
 @pytest.fixture(scope="module")
-def runtime(sidecar_mod: SidecarThread) -> Iterator[wf.WorkflowRuntime]:
-    rt = start_runtime(sidecar_mod.grpc_address)
+def registrations(sidecar_mod: SidecarThread) -> wf.WorkflowRuntime:
+    """The module's workflows and activities, registered once (the SDK marks a registered
+    function and refuses it in a second runtime)."""
+    host, _, port = sidecar_mod.grpc_address.rpartition(":")
+    return registered(wf.WorkflowRuntime(host=host, port=port, logger_options=QUIET))
+
+
+@pytest.fixture(scope="module", params=["sdk-worker", "in-process-worker"])
+def runtime(
+    request: pytest.FixtureRequest, sidecar_mod: SidecarThread, registrations: wf.WorkflowRuntime
+) -> Iterator[wf.WorkflowRuntime | InProcessRuntime]:
+    rt: wf.WorkflowRuntime | InProcessRuntime
+    if request.param == "sdk-worker":
+        rt = registrations
+        rt.start()
+    else:
+        rt = InProcessRuntime(sidecar_mod, registrations)
     yield rt
     rt.shutdown()
 
 
 @pytest.fixture(scope="module")
-def client(sidecar_mod: SidecarThread, runtime: wf.WorkflowRuntime) -> wf.DaprWorkflowClient:
+def client(sidecar_mod: SidecarThread, runtime: Any) -> wf.DaprWorkflowClient:
     return make_client(sidecar_mod.grpc_address)
 
 
@@ -585,7 +621,7 @@ def test_get_unknown_instance(client: wf.DaprWorkflowClient) -> None:
     assert client.get_workflow_state("does-not-exist") is None
 
 
-def test_aio_client(sidecar_mod: SidecarThread, runtime: wf.WorkflowRuntime) -> None:
+def test_aio_client(sidecar_mod: SidecarThread, runtime: Any) -> None:
     host, _, port = sidecar_mod.grpc_address.rpartition(":")
 
     async def main() -> list[Any]:
