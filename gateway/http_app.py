@@ -56,6 +56,7 @@ from gateway.config import ConfigError, GatewayConfig, IdentityConfig
 from gateway.dashboard import dashboard_routes
 from gateway.dispatch import Dispatcher, DispatchError
 from gateway.mcp_front import PRINCIPAL_SCOPE_KEY, McpFront
+from gateway.mcp_transport import AdaptiveSessionManager
 from gateway.metrics_http import CountedAuthenticator, MetricsEndpoint
 from identity.authenticate import VIA_ANONYMOUS, AuthenticationError, Authenticator
 from identity.bundle import BundleError
@@ -446,7 +447,9 @@ def _metrics_routes(host: HttpHost, guard: A2AGuard) -> list[Route]:
 
 def build_app(host: HttpHost, front: McpFront, listen_host: str) -> Starlette:
     """The ASGI app of one gateway. `front` is the MCP server for this transport."""
-    manager = StreamableHTTPSessionManager(
+    # Each POST answered as JSON, or as an SSE stream when it may get progress or log
+    # notifications first (gateway.mcp_transport).
+    manager = AdaptiveSessionManager(
         app=front.server,
         json_response=False,
         stateless=False,
