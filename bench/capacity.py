@@ -6,7 +6,8 @@ One gateway (embedded engine, SQLite FULL, a temporary data directory) whose pol
 approves its own calls). Phases:
 1. submit `--calls` (10,000) calls over A2A JSON-RPC with `returnImmediately`, `--concurrency`
    at a time, and poll each task (GetTask) until every one is `INPUT_REQUIRED`;
-2. with all of them suspended, sample the RSS (VmRSS) of the gateway and of its sidecar child
+2. with all of them suspended, sample the RSS (VmRSS) of the gateway (engine included when it
+   runs in the gateway) and of a sidecar child, if there is one
    (target: the gateway under 300 MB), and the size of the engine's database;
 3. approve every call (`POST /approvals/{task_id}`), `--concurrency` at a time, and poll until
    every task is `COMPLETED` with the right result: the approvals' throughput and latency, and
@@ -72,6 +73,17 @@ def text_for(i: int) -> tuple[str, int]:
     """The i-th call's text and its word count (the result that must come back)."""
     words = 1 + i % 9
     return " ".join(f"c{i}w{k}" for k in range(words)), words
+
+
+def _max_or_none(values: Any) -> float | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def _kb_per_call(held_mb: float | None, idle_mb: float | None, calls: int) -> float | None:
+    if held_mb is None or idle_mb is None:
+        return None
+    return round((held_mb - idle_mb) * 1024 / calls, 2)
 
 
 class Memory:
@@ -204,13 +216,14 @@ async def drive(args: argparse.Namespace, gateway: GatewayProcess, data: Path) -
                 "calls": args.calls,
                 "rss_mb": held[-1],
                 "gateway_rss_max_mb": peak_gateway,
-                "sidecar_rss_max_mb": max(s["sidecar"] for s in held),
+                # None when the engine runs in the gateway process (no sidecar process).
+                "sidecar_rss_max_mb": _max_or_none(s["sidecar"] for s in held),
                 "total_rss_max_mb": max(s["total"] for s in held),
-                "gateway_kb_per_suspended_call": round(
-                    (held[-1]["gateway"] - out["idle_rss_mb"]["gateway"]) * 1024 / args.calls, 2
+                "gateway_kb_per_suspended_call": _kb_per_call(
+                    held[-1]["gateway"], out["idle_rss_mb"]["gateway"], args.calls
                 ),
-                "sidecar_kb_per_suspended_call": round(
-                    (held[-1]["sidecar"] - out["idle_rss_mb"]["sidecar"]) * 1024 / args.calls, 2
+                "sidecar_kb_per_suspended_call": _kb_per_call(
+                    held[-1]["sidecar"], out["idle_rss_mb"]["sidecar"], args.calls
                 ),
                 "engine_db_mb": database_mb(data),
                 "load_avg": load_avg(),
@@ -285,7 +298,8 @@ def draw(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     t = [s["t_s"] for s in samples]
     fig, ax = plt.subplots(figsize=(8, 4))
     for role in ("gateway", "sidecar", "total"):
-        ax.plot(t, [s[role] for s in samples], label=role)
+        if any(s[role] is not None for s in samples):
+            ax.plot(t, [s[role] for s in samples], label=role)
     ax.axhline(TARGET_GATEWAY_RSS_MB, color="tab:red", linestyle="--", label="gateway target")
     phases: dict[str, float] = {}
     for s in samples:

@@ -94,8 +94,9 @@ class GatewayProcess:
 
     def rss(self) -> dict[str, float | None]:
         gateway = rss_mb(self.pid)
+        # No sidecar process with the engine in the gateway (engine.sidecar: inprocess).
         sidecar = rss_mb(self.sidecar) if self.sidecar else None
-        total = None if gateway is None or sidecar is None else gateway + sidecar
+        total = None if gateway is None else gateway + (sidecar or 0.0)
         return {"gateway": gateway, "sidecar": sidecar, "total": total}
 
     def crash(self) -> None:

@@ -320,7 +320,8 @@ def draw(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     t = [s["t_s"] for s in samples]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     for role in ("gateway", "sidecar", "total"):
-        ax1.plot(t, [s[role] for s in samples], label=role)
+        if any(s[role] is not None for s in samples):  # no sidecar process: engine in-process
+            ax1.plot(t, [s[role] for s in samples], label=role)
     ax1.set_ylabel("RSS, MB")
     ax1.set_ylim(bottom=0)
     ax1.legend()

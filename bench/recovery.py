@@ -1,13 +1,13 @@
-"""Recovery: N calls in flight, SIGKILL of the gateway and its sidecar, restart on the same data
-directory; do all calls complete with the right result, how many ran again, and how soon does
-the restarted gateway make progress?
+"""Recovery: N calls in flight, SIGKILL of the gateway (and of a sidecar process, if any),
+restart on the same data directory; do all calls complete with the right result, how many ran
+again, and how soon does the restarted gateway make progress?
 
 The gateway runs `bench/recovery.yaml`: one tool, `bench.tools:long_step`, that runs for
 `--seconds` and writes `start`, a `tick` a second and `end` lines with its pid and the time to a
 side-effect file. Phases:
 1. submit `--calls` (1,000) calls over A2A JSON-RPC with `returnImmediately` (each is durable
    once accepted), then wait until `--running` of them have started and ticked once;
-2. SIGKILL the gateway's process group and its sidecar's (no clean shutdown of either);
+2. SIGKILL the gateway's process group and its sidecar's, if it has one (no clean shutdown);
 3. start a new gateway process on the same data directory and poll every task (GetTask) until
    it is `COMPLETED` with `KEY:done`.
 Reported: completions and wrong results, calls that ran again (a start line from the new
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             "killed_once_running": min(args.running, args.calls),
             "tool": "bench.tools:long_step",
             "submitted_over": "A2A JSON-RPC SendMessage, returnImmediately",
-            "kill": "SIGKILL of the gateway's process group and the sidecar's",
+            "kill": "SIGKILL of the gateway's process group (and a sidecar process's, if any)",
             "engine": "embedded, SQLite FULL",
         },
         "results": results,

@@ -301,8 +301,10 @@ class DurableRuntime:
         return address
 
     async def ready(self) -> bool:
-        """True when the engine answers."""
+        """True when the engine answers (and, in process, its worker takes work)."""
         if self._client is None:
+            return False
+        if isinstance(self._worker, inprocess.InProcessWorker) and not self._worker.running:
             return False
         try:
             async with asyncio.timeout(2):

@@ -214,14 +214,24 @@ class InProcessWorker:
             )
         )
         self._run_task = loop.create_task(self._run(), name="duragate-inprocess-worker")
+        self._run_task.add_done_callback(self._stopped)
+
+    @property
+    def running(self) -> bool:
+        """Whether it takes work items (the gateway is not ready without)."""
+        return self._run_task is not None and not self._run_task.done()
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the in-process workflow worker stopped", exc_info=task.exception())
 
     async def stop(self) -> None:
         """Stop taking work; unfinished activities are cancelled and go back to the queue."""
         run, self._run_task = self._run_task, None
         if run is not None:
             run.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await run
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await run  # a worker that had failed was reported by _stopped
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

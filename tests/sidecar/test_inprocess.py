@@ -229,6 +229,14 @@ async def test_the_gateway_runtime_runs_the_engine_in_its_own_process(tmp_path: 
         assert store is not None
         await store.aput("k", {"v": 1})
         assert await store.aget("k") == {"v": 1}
+        # A worker that stops taking work makes the gateway not ready (/readyz).
+        worker = runtime._worker
+        assert isinstance(worker, InProcessWorker) and worker.running
+        assert worker._run_task is not None
+        worker._run_task.cancel()
+        await asyncio.sleep(0)
+        assert not worker.running
+        assert not await runtime.ready()
     finally:
         await runtime.stop()
 
