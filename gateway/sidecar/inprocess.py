@@ -245,6 +245,9 @@ class InProcessWorker:
                     self._spawn(self._send_turn(self._turn(item)))
                 elif item.HasField("activityRequest"):
                     self._spawn(self._activity(item))
+                # The engine hands out ready items without waiting: let the loop's other work
+                # (front doors, commits, the turns' completions) run between two of them.
+                await asyncio.sleep(0)
         finally:
             # What this worker was given and did not answer goes back on the queue.
             self.engine.close_stream(stream)
