@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 # Threads of the loop's default executor beyond one per running activity (see start()).
 SPARE_THREADS = 32
+# How many work items the worker may run one after another before it lets the loop run others.
+BURST_ITEMS = 16
 
 # The logger given to the SDK's executors: they log every turn at INFO (and build DEBUG
 # summaries whenever the logger's own level allows DEBUG), which the SDK worker keeps at WARNING.
@@ -239,15 +241,19 @@ class InProcessWorker:
 
     async def _run(self) -> None:
         stream = self.engine.open_stream((), self.app_id)
+        taken = 0
         try:
             async for item in self.engine.work_items(stream):
+                taken += 1
                 if item.HasField("workflowRequest"):
                     self._spawn(self._send_turn(self._turn(item)))
                 elif item.HasField("activityRequest"):
                     self._spawn(self._activity(item))
-                # The engine hands out ready items without waiting: let the loop's other work
-                # (front doors, commits, the turns' completions) run between two of them.
-                await asyncio.sleep(0)
+                # The engine hands out ready items without waiting (a burst after a restart or
+                # a bulk approval): the loop's other work (front doors, commits, the turns'
+                # completions) gets its turn at least every BURST_ITEMS items.
+                if taken % BURST_ITEMS == 0:
+                    await asyncio.sleep(0)
         finally:
             # What this worker was given and did not answer goes back on the queue.
             self.engine.close_stream(stream)

@@ -81,11 +81,19 @@ def waits(ctx: wf.DaprWorkflowContext, _: Any) -> Any:
     return (yield ctx.wait_for_external_event("go"))
 
 
+turns_run: list[int] = []
+
+
+def counted(ctx: wf.DaprWorkflowContext, i: int) -> Any:
+    turns_run.append(i)
+    return i
+
+
 @functools.cache
 def _registry() -> Any:
     """Registered once: the SDK marks a registered function and refuses it a second time."""
     runtime = wf.WorkflowRuntime(logger_options=QUIET)
-    for w in (one_step, slow_workflow, huge_workflow, waits):
+    for w in (one_step, slow_workflow, huge_workflow, waits, counted):
         runtime.register_workflow(w)
     for a in (echo, slow_once, huge):
         runtime.register_activity(a)
@@ -207,6 +215,32 @@ async def test_a_result_too_large_for_a_message_fails_the_activity(sidecar: Side
         assert "bytes a sidecar message may carry" in refused.serialized_output
     finally:
         await worker.stop()
+
+
+async def test_a_burst_of_ready_work_lets_the_loop_run_in_between(tmp_path: Path) -> None:
+    """Work items that are all ready at once (a restart, a bulk approval) are not run in one
+    go: the front doors on the same loop get their turn every few items."""
+    sc = Sidecar(sidecar_settings(tmp_path / "engine.db", start_wait_seconds=0))
+    await sc.start()
+    assert sc.engine is not None
+    try:
+        client = _client(sc)
+        for i in range(64):  # no worker yet: 64 first turns wait, ready
+            await client.schedule_new_workflow(counted, input=i)
+        turns_run.clear()
+        worker = InProcessWorker(sc.engine, _registry())
+        worker.start()
+        seen: list[int] = []
+        asyncio.get_running_loop().call_soon(lambda: seen.append(len(turns_run)))
+        for _ in range(200):
+            if len(turns_run) == 64:
+                break
+            await asyncio.sleep(0.01)
+        assert len(turns_run) == 64
+        assert 0 < seen[0] < 64, seen
+        await worker.stop()
+    finally:
+        await sc.stop()
 
 
 async def test_the_gateway_runtime_runs_the_engine_in_its_own_process(tmp_path: Path) -> None:
