@@ -127,9 +127,9 @@ class _UnaryStream:
 class InProcessChannel:
     """A `grpc.aio.Channel` stand-in whose calls run `servicer`'s handlers on this loop.
 
-    Only what the generated stubs and the SDK's aio client use: unary-unary and unary-stream
-    calls with an optional deadline. Handlers see a request object the caller may still hold,
-    as the sidecar's servicers never keep or change one."""
+    Only what the generated stubs and the SDK's aio client use: unary-unary calls, with an
+    optional deadline, and unary-stream calls. Handlers see the caller's own request object
+    (nothing is serialized): the sidecar's servicers copy what they keep and change none."""
 
     def __init__(self, servicer: Any) -> None:
         self._servicer = servicer
