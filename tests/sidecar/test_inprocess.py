@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import threading
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -42,7 +41,6 @@ QUIET = LoggerOptions(log_level="WARNING")
 
 # What the activities below saw, per test: key -> number of runs.
 runs: dict[str, int] = {}
-release = threading.Event()
 
 
 def echo(ctx: wf.WorkflowActivityContext, value: Any) -> Any:
